@@ -1,0 +1,90 @@
+"""`tok1d`: run the pipeline or one stage in-process, show what ran, list presets."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = os.environ.get("TOK1D_STORE", "store")
+
+
+def _prepare_environment() -> None:
+    # Before Prefect is imported: no telemetry (its background writes also trip "database is
+    # locked" in concurrent runs) and quiet logs unless the user asks for more.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="default", help="preset name in configs/ or a YAML path")
+    parser.add_argument("--store", default=DEFAULT_STORE, help="artifact store directory (default: %(default)s)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set ingest.source.max_images=500 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tok1d", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the full-pipeline flow in-process (no server needed)")
+    _common(run)
+    stage = commands.add_parser("stage", help="run one stage (and what it reads, from the cache when possible)")
+    stage.add_argument("name", help="stage name, e.g. ingest")
+    _common(stage)
+    status = commands.add_parser("status", help="what ran, what is cached, what failed")
+    status.add_argument("--store", default=DEFAULT_STORE)
+    commands.add_parser("presets", help="list the presets in configs/")
+    return parser
+
+
+def _print_results(results: dict[str, dict], store: Path) -> None:
+    print(f"\n{'stage':<18}{'result':<10}{'rows':>8}  artifact")
+    for name, result in results.items():
+        outcome = "cached" if result["cache_hit"] else "computed"
+        print(f"{name:<18}{outcome:<10}{result['rows']:>8}  {store / result['artifact']}")
+    print(f"\nlineage and metrics: duckdb {store / 'experiments.duckdb'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _prepare_environment()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    from tasks.config import ConfigError, available_presets, load_config
+
+    if args.command == "presets":
+        for name, description in available_presets().items():
+            print(f"{name:<24}{description}")
+        return 0
+    if args.command == "status":
+        from flows.status import print_status
+
+        return print_status(Path(args.store))
+
+    try:
+        load_config(args.preset, args.overrides)  # fail fast, before Prefect starts
+    except ConfigError as error:
+        print(f"tok1d: {error}", file=sys.stderr)
+        return 2
+    from flows.full_pipeline import STAGE_FLOWS, full_pipeline
+
+    store = Path(args.store).expanduser().resolve()
+    if args.command == "run":
+        results = full_pipeline(preset=args.preset, store=str(store), overrides=args.overrides)
+    else:
+        if args.name not in STAGE_FLOWS:
+            print(f"tok1d: unknown stage {args.name!r}; stages: {', '.join(STAGE_FLOWS)}", file=sys.stderr)
+            return 2
+        results = STAGE_FLOWS[args.name](preset=args.preset, store=str(store), overrides=args.overrides)
+    _print_results(results, store)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The `full-pipeline` flow and one flow per stage (for rerunning a stage and what it needs)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.pipeline import run_pipeline
+from tasks.config import load_config
+from tasks.store import Store
+
+
+def _summaries(results) -> dict[str, dict]:
+    return {
+        name: {"artifact": r.manifest.root, "rows": r.manifest.rows, "cache_hit": r.cache_hit, **r.manifest.summary}
+        for name, r in results.items()
+    }
+
+
+@flow(name="full-pipeline")
+def full_pipeline(preset: str = "default", store: str = "store", overrides: list[str] | None = None) -> dict[str, dict]:
+    """Every stage of the preset, in order; completed stages come back from the cache."""
+    config = load_config(preset, overrides or [])
+    results = run_pipeline(config, Store(store), preset=preset, flow="full-pipeline")
+    return _summaries(results)
+
+
+def _stage_flow(stage: str):
+    def run_stage(preset: str = "default", store: str = "store", overrides: list[str] | None = None) -> dict[str, dict]:
+        config = load_config(preset, overrides or [])
+        results = run_pipeline(config, Store(store), preset=preset, flow=f"stage-{stage}", until=stage)
+        return _summaries(results)
+
+    run_stage.__name__ = f"{stage.replace('-', '_')}_flow"
+    run_stage.__doc__ = f"Stage `{stage}`, with the stages it reads coming back from the cache when possible."
+    return flow(name=f"stage-{stage}")(run_stage)
+
+
+# One flow per stage, for reruns from the CLI, the UI or a deployment.
+ingest_flow = _stage_flow("ingest")
+caption_flow = _stage_flow("caption")
+embed_text_flow = _stage_flow("embed-text")
+
+STAGE_FLOWS = {
+    "ingest": ingest_flow,
+    "caption": caption_flow,
+    "embed-text": embed_text_flow,
+}

@@ -1,0 +1,51 @@
+"""`tok1d status`: the latest run of each stage, the cache, and failures, from the lineage tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks import lineage
+from tasks.store import Store
+
+LATEST_STAGES_SQL = """
+    select stage, status, cache_hit, output_artifact, started_at, ended_at, error
+    from (select *, row_number() over (partition by stage order by event_time desc) as rn from stages)
+    where rn = 1 order by started_at
+"""
+
+
+def print_status(root: Path) -> int:
+    if not (root / "lineage").exists():
+        print(f"no store at {root} (nothing has run there yet)")
+        return 1
+    store = Store(root)
+    connection = lineage.connect(store)
+    try:
+        runs = connection.execute(
+            "select count(*), count(*) filter (where status = 'failed') from runs"
+        ).fetchone()
+        latest = connection.execute(LATEST_STAGES_SQL).fetchall()
+        failures = connection.execute(
+            "select stage, ended_at, error from stages where status = 'failed' order by ended_at desc limit 5"
+        ).fetchall()
+    finally:
+        connection.close()
+    print(f"store: {store.root}")
+    print(f"runs: {runs[0]} ({runs[1]} failed)\n")
+    print(f"{'stage':<18}{'status':<11}{'cached':<8}{'finished':<21}artifact")
+    for stage, status, cache_hit, artifact, _started, ended, error in latest:
+        finished = ended.strftime("%Y-%m-%d %H:%M:%S") if ended else "-"
+        print(f"{stage:<18}{status:<11}{'yes' if cache_hit else 'no':<8}{finished:<21}{artifact or error or '-'}")
+    records = store.cache_records()
+    intact = [r for r in records if r[3] and not r[2].problems(store)]
+    print(f"\ncache: {len(intact)} intact of {len(records)} recorded outputs")
+    for stage, slot_key, manifest, complete in records:
+        problems = manifest.problems(store)
+        state = "intact" if complete and not problems else ("incomplete" if not complete else "damaged")
+        print(f"  {stage:<16}{state:<11}{manifest.rows:>8} rows  {manifest.root}")
+    if failures:
+        print("\nrecent failures:")
+        for stage, ended, error in failures:
+            print(f"  {stage} at {ended:%Y-%m-%d %H:%M:%S}: {error}")
+    print(f"\nquery: duckdb {store.duckdb_path} -c \"select stage, status, cache_hit from stages\"")
+    return 0

@@ -1,0 +1,124 @@
+"""Cache keys of stage runs, verified cache hits, and the Prefect cache policy built on them.
+
+A stage's cache key = stage name + stage code version + hash of its config section + the
+artifact ids of its input manifests. A key can own several *slots*: when the artifact a slot
+recorded is missing or altered, that slot is skipped and the stage recomputes into the next
+one, so Prefect never hands back an output whose files are gone (Prefect itself would: its
+cache record lives apart from our files).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+
+from tasks.hashing import hash_value, sha256_file
+from tasks.store import Manifest, Store
+
+# Bump to invalidate every cached stage output at once (e.g. after a change of store layout).
+STORE_FORMAT_VERSION = "1"
+MAX_SLOTS = 1000
+
+
+@lru_cache(maxsize=None)
+def code_version(modules: tuple[str, ...]) -> str:
+    """Hash of the source files of the given modules (a package counts with all its files).
+
+    Editing a helper a stage calls must invalidate its cache, which Prefect's TASK_SOURCE
+    policy does not do; so each stage names the modules its output depends on.
+    """
+    digests = [STORE_FORMAT_VERSION]
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"stage code module {module!r} cannot be found")
+        origin = Path(spec.origin)
+        paths = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        for path in paths:
+            digests.append(f"{module}:{path.name}:{sha256_file(path)}")
+    return hash_value(digests)[:16]
+
+
+@lru_cache(maxsize=1)
+def git_revision() -> str | None:
+    """The checkout's commit (with +dirty), recorded in lineage; None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def stage_cache_key(stage: str, stage_code: str, config_hash: str, inputs: dict[str, Manifest]) -> str:
+    return hash_value(
+        {
+            "stage": stage,
+            "code": stage_code,
+            "config": config_hash,
+            "inputs": {name: manifest.artifact_id for name, manifest in sorted(inputs.items())},
+        }
+    )
+
+
+@dataclass(frozen=True)
+class CacheSlot:
+    """Where a stage run's output is recorded: a hit if `manifest` is set (and verified)."""
+
+    key: str
+    slot: int
+    manifest: Manifest | None
+
+    @property
+    def slot_key(self) -> str:
+        return f"{self.key}.{self.slot}"
+
+
+def resolve_slot(store: Store, stage: str, key: str) -> CacheSlot:
+    """The first slot of `key` that is either free (compute there) or holds an intact, complete
+    artifact (a hit). Slots whose artifact is damaged or was recorded incomplete are skipped."""
+    for slot in range(MAX_SLOTS):
+        manifest, complete = store.read_cache_record(stage, key, slot)
+        if manifest is None and complete:
+            return CacheSlot(key, slot, None)
+        if manifest is not None and complete and not manifest.problems(store):
+            return CacheSlot(key, slot, manifest)
+    raise RuntimeError(f"{stage}: {MAX_SLOTS} invalidated cache slots for key {key}; clean {store.root / 'cache'}")
+
+
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Prefect cache policy: the verified slot key of the stage run the task would perform.
+
+    The task's parameters must include `stage` (name), `section` (config section), `inputs`
+    (manifests) and `store_root`; see tasks/stage.py.
+    """
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        from tasks.stage import plan_stage_run  # the stage table imports every stage module
+
+        plan = plan_stage_run(inputs["stage"], inputs["section"], inputs["inputs"], Store(inputs["store_root"]))
+        return f"tok1d-{inputs['stage']}-{plan.slot.slot_key}"

@@ -1,0 +1,356 @@
+"""Lineage and results: append-only Parquet records + DuckDB views in `<store>/experiments.duckdb`.
+
+Each event is its own small Parquet file, written under a temporary name and renamed, so any
+number of processes can record stage runs at once without ever contending for DuckDB's
+single-writer lock. The DuckDB file only holds views over those files; it is written once per
+store (under a file lock, retried if a user holds the file open) and read-only afterwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.secrets import redact
+from tasks.store import Manifest, Store
+
+VIEWS_VERSION = "1"
+
+_TS = pa.timestamp("us", tz="UTC")
+SCHEMAS: dict[str, pa.Schema] = {
+    "run_events": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("flow_run_id", pa.string()),
+            ("flow", pa.string()),
+            ("preset", pa.string()),
+            ("config_hash", pa.string()),
+            ("status", pa.string()),
+            ("git_revision", pa.string()),
+            ("started_at", _TS),
+            ("ended_at", _TS),
+            ("error", pa.string()),
+            ("event_time", _TS),
+        ]
+    ),
+    "stage_events": pa.schema(
+        [
+            ("stage_run_id", pa.string()),
+            ("run_id", pa.string()),
+            ("flow_run_id", pa.string()),
+            ("stage", pa.string()),
+            ("status", pa.string()),
+            ("cache_hit", pa.bool_()),
+            ("cache_key", pa.string()),
+            ("config_hash", pa.string()),
+            ("code_version", pa.string()),
+            ("git_revision", pa.string()),
+            ("output_artifact", pa.string()),
+            ("started_at", _TS),
+            ("ended_at", _TS),
+            ("error", pa.string()),
+            ("host", pa.string()),
+            ("pid", pa.int64()),
+            ("event_time", _TS),
+        ]
+    ),
+    "artifacts": pa.schema(
+        [
+            ("artifact_id", pa.string()),
+            ("stage", pa.string()),
+            ("path", pa.string()),
+            ("file", pa.string()),
+            ("sha256", pa.string()),
+            ("bytes", pa.int64()),
+            ("rows", pa.int64()),
+            ("config_hash", pa.string()),
+            ("created_at", pa.string()),
+        ]
+    ),
+    "lineage": pa.schema(
+        [
+            ("stage_run_id", pa.string()),
+            ("run_id", pa.string()),
+            ("stage", pa.string()),
+            ("input_name", pa.string()),
+            ("input_artifact", pa.string()),
+            ("output_artifact", pa.string()),
+            ("event_time", _TS),
+        ]
+    ),
+    "metrics": pa.schema(
+        [
+            ("stage_run_id", pa.string()),
+            ("run_id", pa.string()),
+            ("stage", pa.string()),
+            ("artifact_id", pa.string()),
+            ("name", pa.string()),
+            ("value", pa.float64()),
+            ("event_time", _TS),
+        ]
+    ),
+}
+
+# Views users query. `stages` and `runs` show the latest event of each stage run / run.
+VIEW_SQL = {
+    "stages": """
+        select * exclude (rn) from (
+            select *, row_number() over (partition by stage_run_id order by event_time desc, status = 'running') as rn
+            from stage_events) where rn = 1""",
+    "runs": """
+        select * exclude (rn) from (
+            select *, row_number() over (partition by run_id order by event_time desc, status = 'running') as rn
+            from run_events) where rn = 1""",
+}
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _table_dir(store: Store, table: str) -> Path:
+    return store.root / "lineage" / table
+
+
+def append(store: Store, table: str, rows: list[dict[str, Any]]) -> None:
+    """Write `rows` as one new Parquet file of `table` (atomic rename, never a shared file)."""
+    if not rows:
+        return
+    schema = SCHEMAS[table]
+    directory = _table_dir(store, table)
+    directory.mkdir(parents=True, exist_ok=True)
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    arrow = pa.table(columns, schema=schema)
+    name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
+    tmp = directory / f".{name}.tmp"
+    pq.write_table(arrow, tmp)
+    os.replace(tmp, directory / name)
+
+
+def _ensure_seed_files(store: Store) -> None:
+    # A view over an empty glob fails to bind; a zero-row file per table keeps it valid.
+    for table, schema in SCHEMAS.items():
+        seed = _table_dir(store, table) / "_schema.parquet"
+        if not seed.exists():
+            seed.parent.mkdir(parents=True, exist_ok=True)
+            tmp = seed.with_name(f".{seed.name}.{uuid.uuid4().hex[:8]}.tmp")
+            pq.write_table(schema.empty_table(), tmp)
+            os.replace(tmp, seed)
+
+
+def define_views(connection: duckdb.DuckDBPyConnection, store: Store, temporary: bool = False) -> None:
+    kind = "temp view" if temporary else "view"
+    for table in SCHEMAS:
+        pattern = (_table_dir(store, table) / "*.parquet").as_posix().replace("'", "''")
+        connection.execute(
+            f"create or replace {kind} {table} as select * from read_parquet('{pattern}', union_by_name = true)"
+        )
+    for view, sql in VIEW_SQL.items():
+        connection.execute(f"create or replace {kind} {view} as {sql}")
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_database(store: Store, attempts: int = 20) -> bool:
+    """Create `experiments.duckdb` with its views once; True if it is (now) up to date.
+
+    If another process (say a user's `duckdb` shell) holds the file, retry for a while and then
+    give up quietly: the records are safe in Parquet and the views are created on a later run.
+    """
+    _ensure_seed_files(store)
+    # The views hold absolute paths: redefine them if the store moved or the views changed.
+    marker = store.root / "lineage" / ".views"
+    expected = f"{VIEWS_VERSION} {store.root.as_posix()}"
+
+    def up_to_date() -> bool:
+        return store.duckdb_path.exists() and marker.exists() and marker.read_text() == expected
+
+    if up_to_date():
+        return True
+    with _file_lock(store.root / "lineage" / ".duckdb.lock"):
+        if up_to_date():
+            return True
+        for attempt in range(attempts):
+            try:
+                connection = duckdb.connect(str(store.duckdb_path))
+            except duckdb.IOException:
+                time.sleep(min(0.1 * 2**attempt, 2.0))
+                continue
+            try:
+                define_views(connection, store)
+            finally:
+                connection.close()
+            marker.write_text(expected)
+            return True
+    return False
+
+
+def connect(store: Store) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with the lineage views: never locks the experiments file."""
+    _ensure_seed_files(store)
+    connection = duckdb.connect()
+    define_views(connection, store, temporary=True)
+    return connection
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def record_run(
+    store: Store,
+    *,
+    run_id: str,
+    flow_run_id: str | None,
+    flow: str,
+    preset: str,
+    config_hash: str,
+    status: str,
+    git_revision: str | None,
+    started_at: datetime,
+    ended_at: datetime | None = None,
+    error: str | None = None,
+) -> None:
+    append(
+        store,
+        "run_events",
+        [
+            dict(
+                run_id=run_id,
+                flow_run_id=flow_run_id,
+                flow=flow,
+                preset=preset,
+                config_hash=config_hash,
+                status=status,
+                git_revision=git_revision,
+                started_at=started_at,
+                ended_at=ended_at,
+                error=redact(error) if error else None,
+                event_time=now(),
+            )
+        ],
+    )
+
+
+def record_stage_event(
+    store: Store,
+    *,
+    stage_run_id: str,
+    run_id: str | None,
+    flow_run_id: str | None,
+    stage: str,
+    status: str,
+    cache_hit: bool,
+    cache_key: str,
+    config_hash: str,
+    code_version: str,
+    git_revision: str | None,
+    started_at: datetime,
+    ended_at: datetime | None = None,
+    output: Manifest | None = None,
+    inputs: dict[str, Manifest] | None = None,
+    error: str | None = None,
+) -> None:
+    event_time = now()
+    append(
+        store,
+        "stage_events",
+        [
+            dict(
+                stage_run_id=stage_run_id,
+                run_id=run_id,
+                flow_run_id=flow_run_id,
+                stage=stage,
+                status=status,
+                cache_hit=cache_hit,
+                cache_key=cache_key,
+                config_hash=config_hash,
+                code_version=code_version,
+                git_revision=git_revision,
+                output_artifact=output.artifact_id if output else None,
+                started_at=started_at,
+                ended_at=ended_at,
+                error=redact(error) if error else None,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                event_time=event_time,
+            )
+        ],
+    )
+    if output is None:
+        return
+    append(
+        store,
+        "lineage",
+        [
+            dict(
+                stage_run_id=stage_run_id,
+                run_id=run_id,
+                stage=stage,
+                input_name=name,
+                input_artifact=manifest.artifact_id,
+                output_artifact=output.artifact_id,
+                event_time=event_time,
+            )
+            for name, manifest in sorted((inputs or {}).items())
+        ],
+    )
+    if not cache_hit:
+        append(
+            store,
+            "artifacts",
+            [
+                dict(
+                    artifact_id=output.artifact_id,
+                    stage=stage,
+                    path=output.root,
+                    file=record.path,
+                    sha256=record.sha256,
+                    bytes=record.bytes,
+                    rows=output.rows,
+                    config_hash=output.config_hash,
+                    created_at=output.created_at,
+                )
+                for record in output.files
+            ],
+        )
+    numeric = {k: float(v) for k, v in output.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    append(
+        store,
+        "metrics",
+        [
+            dict(
+                stage_run_id=stage_run_id,
+                run_id=run_id,
+                stage=stage,
+                artifact_id=output.artifact_id,
+                name=name,
+                value=value,
+                event_time=event_time,
+            )
+            for name, value in sorted(numeric.items())
+        ],
+    )

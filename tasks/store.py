@@ -1,0 +1,242 @@
+"""The artifact store: immutable, content-addressed stage outputs described by small manifests.
+
+Layout of a store directory:
+
+    artifacts/<stage>/<artifact_id>/   finished outputs (never modified; manifest.json inside)
+    work/<stage>/<cache_key>/          in-progress state of a stage run (shards, checkpoints)
+    cache/<stage>/<cache_key>.<n>.json cache index: the manifest a cache key produced
+    lineage/<table>/*.parquet          append-only lineage records (see tasks/lineage.py)
+    prefect-results/                   Prefect result storage, shared by every worker
+    experiments.duckdb                 views over the lineage records
+
+Every file is written under a temporary name and renamed into place, so a kill never leaves a
+half-written file that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.hashing import hash_value, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+
+
+class FileRecord(BaseModel):
+    """One file of an artifact, relative to the artifact directory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+class TableRecord(BaseModel):
+    """A Parquet table inside an artifact: a folder of shards."""
+
+    model_config = ConfigDict(frozen=True)
+
+    glob: str
+    rows: int
+    columns: dict[str, str]
+
+
+class Manifest(BaseModel):
+    """What a stage hands to the next one: where its output is and how to check it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    artifact_id: str
+    root: str  # artifact directory, relative to the store root
+    files: list[FileRecord]
+    tables: dict[str, TableRecord] = Field(default_factory=dict)
+    rows: int = 0
+    config_hash: str
+    cache_key: str
+    code_version: str
+    summary: dict[str, Any] = Field(default_factory=dict)
+    created_at: str
+
+    def directory(self, store: "Store") -> Path:
+        return store.root / self.root
+
+    def path(self, store: "Store", relative: str) -> Path:
+        return store.root / self.root / relative
+
+    def table_glob(self, store: "Store", table: str) -> str:
+        if table not in self.tables:
+            raise KeyError(f"artifact {self.stage}/{self.artifact_id} has no table {table!r}; has {sorted(self.tables)}")
+        return str(store.root / self.root / self.tables[table].glob)
+
+    def table_files(self, store: "Store", table: str) -> list[Path]:
+        pattern = self.tables[table].glob
+        return sorted((store.root / self.root).glob(pattern))
+
+    def problems(self, store: "Store") -> list[str]:
+        """Why this artifact cannot be trusted (missing or altered files); empty if it is intact."""
+        found = []
+        directory = self.directory(store)
+        for record in self.files:
+            path = directory / record.path
+            if not path.is_file():
+                found.append(f"missing {path}")
+            elif path.stat().st_size != record.bytes or sha256_file(path) != record.sha256:
+                found.append(f"altered {path}")
+        return found
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def temporary_path(path: Path) -> Path:
+    """A sibling name for writing `path` that no reader globbing for finished files matches."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+class Store:
+    """A directory holding every artifact, cache record and lineage record of a project."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        for sub in ("artifacts", "work", "cache", "lineage", "prefect-results"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / "prefect-results"
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.root / "experiments.duckdb"
+
+    def work_dir(self, stage: str, cache_key: str) -> Path:
+        path = self.root / "work" / stage / cache_key[:24]
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------------ artifacts
+
+    def commit_artifact(
+        self,
+        stage: str,
+        source_dir: Path,
+        *,
+        tables: dict[str, TableRecord],
+        config_hash: str,
+        cache_key: str,
+        code_version: str,
+        summary: dict[str, Any],
+    ) -> Manifest:
+        """Move a finished output folder into the store under its content address."""
+        source_dir = Path(source_dir)
+        files = []
+        for path in sorted(p for p in source_dir.rglob("*") if p.is_file()):
+            relative = path.relative_to(source_dir).as_posix()
+            if relative == MANIFEST_NAME or path.name.startswith("."):
+                continue
+            files.append(FileRecord(path=relative, sha256=sha256_file(path), bytes=path.stat().st_size))
+        artifact_id = hash_value([[f.path, f.sha256] for f in files])[:32]
+        target = self.root / "artifacts" / stage / artifact_id
+        manifest = Manifest(
+            stage=stage,
+            artifact_id=artifact_id,
+            root=target.relative_to(self.root).as_posix(),
+            files=files,
+            tables=tables,
+            rows=sum(t.rows for t in tables.values()),
+            config_hash=config_hash,
+            cache_key=cache_key,
+            code_version=code_version,
+            summary=summary,
+            created_at=utc_now(),
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            existing = self.read_manifest_in(target)
+            if existing is not None and not existing.problems(self):
+                # Same content already stored (e.g. a deterministic recompute): keep the original.
+                shutil.rmtree(source_dir, ignore_errors=True)
+                return manifest.model_copy(update={"created_at": existing.created_at})
+            shutil.rmtree(target)
+        atomic_write_text(source_dir / MANIFEST_NAME, manifest.model_dump_json(indent=2))
+        os.replace(source_dir, target)
+        return manifest
+
+    @staticmethod
+    def read_manifest_in(directory: Path) -> Manifest | None:
+        path = directory / MANIFEST_NAME
+        if not path.exists():
+            return None
+        return Manifest.model_validate_json(path.read_text())
+
+    # ------------------------------------------------------------------ cache index
+
+    def cache_record_path(self, stage: str, cache_key: str, slot: int) -> Path:
+        return self.root / "cache" / stage / f"{cache_key}.{slot}.json"
+
+    def read_cache_record(self, stage: str, cache_key: str, slot: int) -> tuple[Manifest | None, bool]:
+        """(manifest, complete) of a slot; (None, True) if the slot is free."""
+        path = self.cache_record_path(stage, cache_key, slot)
+        if not path.exists():
+            return None, True
+        try:
+            record = json.loads(path.read_text())
+            return Manifest.model_validate(record["manifest"]), bool(record["complete"])
+        except (ValueError, KeyError):
+            return None, False  # unreadable record: treat the slot as used, never trust it
+
+    def write_cache_record(
+        self, stage: str, cache_key: str, slot: int, manifest: Manifest, complete: bool = True
+    ) -> None:
+        record = {"complete": complete, "manifest": manifest.model_dump(mode="json")}
+        atomic_write_text(self.cache_record_path(stage, cache_key, slot), json.dumps(record, indent=2))
+
+    def cache_records(self) -> list[tuple[str, str, Manifest, bool]]:
+        """(stage, slot key, manifest, complete) for every cache record in the store."""
+        records = []
+        for path in sorted((self.root / "cache").glob("*/*.json")):
+            try:
+                record = json.loads(path.read_text())
+                manifest = Manifest.model_validate(record["manifest"])
+            except (ValueError, KeyError):
+                continue
+            records.append((path.parent.name, path.stem, manifest, bool(record["complete"])))
+        return records
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

@@ -1,0 +1,15 @@
+"""Test-session settings: offline, isolated Prefect home, one thread per torch op pool."""
+
+import os
+import tempfile
+
+# Before Prefect is imported anywhere: its own home (ephemeral API database) per test session.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tok1d-prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

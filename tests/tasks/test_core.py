@@ -1,0 +1,201 @@
+"""The pipeline core: config validation, artifact store, verified cache slots, lineage records."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import tasks.registry as registry
+from tasks import lineage
+from tasks.config import ConfigError, IngestConfig, RuntimeConfig, load_config
+from tasks.stage import Stage, StageOutput, execute_stage
+from tasks.store import Store, TableRecord
+
+CALLS: list[str] = []
+
+
+def _write_numbers(ctx, n: int, name: str) -> StageOutput:
+    CALLS.append(ctx.stage)
+    pq.write_table(pa.table({"x": list(range(n))}), ctx.output_dir / f"{name}.parquet")
+    return StageOutput(tables={name: TableRecord(glob=f"{name}.parquet", rows=n, columns={"x": "int64"})},
+                       summary={"count": n})
+
+
+def _first(ctx):
+    return _write_numbers(ctx, ctx.config.resolution, "first")
+
+
+def _second(ctx):
+    return _write_numbers(ctx, ctx.inputs["first"].rows * 2, "second")
+
+
+TOY_STAGES = {
+    "first": Stage("first", "toy", (), ("tasks.hashing",), _first),
+    "second": Stage("second", "toy", ("first",), ("tasks.hashing",), _second),
+}
+
+
+@pytest.fixture
+def toy_stages(monkeypatch):
+    monkeypatch.setattr(registry, "all_stages", lambda: TOY_STAGES)
+    CALLS.clear()
+    return TOY_STAGES
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_overrides_are_typed_and_validated():
+    config = load_config("smoke", ["ingest.resolution=16", "embed-text.max_tokens=4", "ingest.val_fraction=2e-1"])
+    assert config.ingest.resolution == 16
+    assert config.embed_text.max_tokens == 4
+    assert config.ingest.val_fraction == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ingest.colour=red", "ingest.colour: unknown key"),
+        ("ingest.resolution=abc", "ingest.resolution: Input should be a valid integer"),
+        ("ingest.source.kind=camera", "ingest.source.kind"),
+        ("nonsense", "must look like key.path=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config("smoke", [override])
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="known presets: .*smoke"):
+        load_config("no-such-preset")
+
+
+def test_section_hash_follows_the_section_only():
+    base = load_config("smoke")
+    other_ingest = load_config("smoke", ["ingest.resolution=16"])
+    assert base.ingest.digest() != other_ingest.ingest.digest()
+    assert base.caption.digest() == other_ingest.caption.digest()
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def test_second_run_is_a_verified_hit(tmp_path, toy_stages):
+    store = Store(tmp_path / "store")
+    first = execute_stage("first", IngestConfig(resolution=5), {}, store)
+    second = execute_stage("second", IngestConfig(), {"first": first.manifest}, store)
+    assert not first.cache_hit and not second.cache_hit
+    again = execute_stage("first", IngestConfig(resolution=5), {}, store)
+    assert again.cache_hit and again.manifest == first.manifest
+    assert CALLS == ["first", "second"]
+    assert pq.read_table(second.manifest.path(store, "second.parquet")).num_rows == 10
+
+
+def test_config_change_misses_and_same_content_shares_the_artifact(tmp_path, toy_stages):
+    store = Store(tmp_path / "store")
+    a = execute_stage("first", IngestConfig(resolution=5), {}, store)
+    b = execute_stage("first", IngestConfig(resolution=5, val_fraction=0.5), {}, store)
+    assert not b.cache_hit
+    # Same bytes -> same content address, even from another cache key.
+    assert a.manifest.artifact_id == b.manifest.artifact_id
+
+
+def test_deleted_or_altered_output_is_recomputed_not_trusted(tmp_path, toy_stages):
+    store = Store(tmp_path / "store")
+    first = execute_stage("first", IngestConfig(resolution=5), {}, store)
+    path = first.manifest.path(store, "first.parquet")
+    path.unlink()
+    redo = execute_stage("first", IngestConfig(resolution=5), {}, store)
+    assert not redo.cache_hit and path.exists()
+    assert not redo.manifest.problems(store)
+    path.write_bytes(path.read_bytes()[:-3] + b"xyz")  # altered in place
+    assert redo.manifest.problems(store)
+    third = execute_stage("first", IngestConfig(resolution=5), {}, store)
+    assert not third.cache_hit and not third.manifest.problems(store)
+    assert CALLS == ["first", "first", "first"]
+
+
+def test_code_change_invalidates(tmp_path, toy_stages, monkeypatch):
+    store = Store(tmp_path / "store")
+    execute_stage("first", IngestConfig(resolution=5), {}, store)
+    changed = Stage("first", "toy", (), ("tasks.hashing", "tasks.secrets"), _first)
+    monkeypatch.setattr(registry, "all_stages", lambda: {**TOY_STAGES, "first": changed})
+    assert not execute_stage("first", IngestConfig(resolution=5), {}, store).cache_hit
+
+
+def test_incomplete_output_is_handed_on_but_recomputed_next_time(tmp_path, monkeypatch):
+    def partial(ctx):
+        out = _first(ctx)
+        out.complete = False
+        return out
+
+    monkeypatch.setattr(registry, "all_stages", lambda: {"first": Stage("first", "toy", (), ("tasks.hashing",), partial)})
+    store = Store(tmp_path / "store")
+    one = execute_stage("first", IngestConfig(resolution=3), {}, store)
+    two = execute_stage("first", IngestConfig(resolution=3), {}, store)
+    assert not one.cache_hit and not two.cache_hit
+    assert one.manifest.artifact_id == two.manifest.artifact_id
+
+
+def test_failure_is_recorded_with_its_reason(tmp_path, monkeypatch):
+    def broken(ctx):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(registry, "all_stages", lambda: {"first": Stage("first", "toy", (), ("tasks.hashing",), broken)})
+    store = Store(tmp_path / "store")
+    with pytest.raises(RuntimeError):
+        execute_stage("first", IngestConfig(), {}, store)
+    connection = lineage.connect(store)
+    status, error = connection.execute("select status, error from stages").fetchone()
+    assert status == "failed" and "disk on fire" in error
+
+
+# ---------------------------------------------------------------------------- lineage
+
+
+def test_lineage_views_in_the_duckdb_file(tmp_path, toy_stages):
+    store = Store(tmp_path / "store")
+    first = execute_stage("first", IngestConfig(resolution=4), {}, store, RuntimeConfig(), run_id="r1")
+    execute_stage("second", IngestConfig(), {"first": first.manifest}, store, RuntimeConfig(), run_id="r1")
+    execute_stage("first", IngestConfig(resolution=4), {}, store, RuntimeConfig(), run_id="r2")
+    assert lineage.ensure_database(store)
+    connection = duckdb.connect(str(store.duckdb_path), read_only=True)
+    stages = connection.execute("select stage, status, cache_hit from stages order by event_time").fetchall()
+    assert stages == [("first", "completed", False), ("second", "completed", False), ("first", "completed", True)]
+    edges = connection.execute("select input_artifact, output_artifact from lineage where stage = 'second'").fetchall()
+    assert edges[0][0] == first.manifest.artifact_id
+    metrics = connection.execute("select stage, name, value from metrics order by event_time").fetchall()
+    assert ("second", "count", 8.0) in metrics
+    artifacts = connection.execute("select count(distinct artifact_id) from artifacts").fetchone()[0]
+    assert artifacts == 2
+    connection.close()
+
+
+def test_a_user_holding_the_database_does_not_block_stage_runs(tmp_path, toy_stages):
+    store = Store(tmp_path / "store")
+    lineage.ensure_database(store)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import duckdb, sys, time
+            connection = duckdb.connect({str(store.duckdb_path)!r})  # a writer, as a duckdb shell is
+            print("holding", flush=True)
+            sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        result = execute_stage("first", IngestConfig(resolution=6), {}, store)
+        assert not result.cache_hit
+    finally:
+        holder.communicate("done\n", timeout=30)
+    connection = duckdb.connect(str(store.duckdb_path), read_only=True)
+    assert connection.execute("select count(*) from stages where status = 'completed'").fetchone()[0] == 1
+    connection.close()
