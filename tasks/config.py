@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from models.tokenizer import TokenizerConfig
+from models.tokenizer_loss import TokenizerLossConfig
 from tasks.hashing import hash_value
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -32,26 +34,33 @@ class Section(BaseModel):
         return hash_value(self.model_dump(mode="json"))
 
 
-def section_from_dataclass(dataclass_type: type) -> type[Section]:
+def section_from_dataclass(
+    dataclass_type: type, exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> type[Section]:
     """A strict `Section` with the fields and defaults of a model's config dataclass.
 
     Models stay pure PyTorch (plain dataclasses); the pipeline validates the same fields here,
-    so a field is declared once.
+    so a field is declared once. `exclude` drops fields the stage derives from its inputs
+    (image size, text width...): `to_dataclass(**derived)` supplies them.
     """
     hints = typing.get_type_hints(dataclass_type)
     fields: dict[str, Any] = {}
     for field in dataclasses.fields(dataclass_type):
+        if field.name in exclude:
+            continue
         if field.default is not dataclasses.MISSING:
             default = field.default
         elif field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()
         else:
             default = ...
+        if defaults and field.name in defaults:
+            default = defaults[field.name]
         fields[field.name] = (hints[field.name], default)
     section = create_model(f"{dataclass_type.__name__}Section", __base__=Section, **fields)
 
-    def to_dataclass(self: Section) -> Any:
-        return dataclass_type(**{name: getattr(self, name) for name in fields})
+    def to_dataclass(self: Section, **derived: Any) -> Any:
+        return dataclass_type(**{name: getattr(self, name) for name in fields}, **derived)
 
     section.to_dataclass = to_dataclass  # type: ignore[attr-defined]
     return section
@@ -141,6 +150,113 @@ class EmbedTextConfig(Section):
     batch_size: int = 64
 
 
+# --------------------------------------------------------------------------- training
+
+
+class TrainConfig(Section):
+    """Optimisation of one model (tokenizer or generator); `batch_size` is the global batch."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-4
+    betas: list[float] = [0.9, 0.99]
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
+    log_every: int = 10
+    # auto = bf16 autocast on CUDA, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    seed: int = 0
+    # Shards whose rows are shuffled together (memory holds this many shards at a time).
+    shuffle_group: int = 8
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+# Image size, channels and the text width come from the stage's inputs, not from the preset.
+TokenizerModelSection = section_from_dataclass(
+    TokenizerConfig, exclude=("image_size", "channels", "text_dim", "max_text_tokens"), defaults={"size": "tiny"}
+)
+TokenizerLossSection = section_from_dataclass(TokenizerLossConfig, exclude=("channels",))
+
+
+class TrainTokenizerConfig(Section):
+    model: TokenizerModelSection = TokenizerModelSection()  # type: ignore[valid-type]
+    loss: TokenizerLossSection = TokenizerLossSection()  # type: ignore[valid-type]
+    train: TrainConfig = TrainConfig()
+    # TexTok: condition on the caption's text-embedding tokens (model.text_in_encoder/decoder say where).
+    use_text: bool = False
+    # Feature network of the perceptual loss: the offline Inception, LPIPS (weights at lpips_path), none.
+    perceptual: Literal["inception", "lpips", "none"] = "inception"
+    lpips_path: str | None = None
+    discriminator_lr: float | None = None  # None = train.lr
+    hflip: bool = False
+    # Validation images for PSNR / SSIM / rFID at the end (0 = the whole validation split).
+    eval_images: int = 1000
+    eval_batch_size: int = 64
+    grid_images: int = 8
+
+
+class PretokenizeConfig(Section):
+    batch_size: int = 128
+    shard_rows: int = 8192
+    # Images re-decoded from the stored tokens to confirm the table reproduces the reconstructions.
+    decode_check_images: int = 16
+
+
+# --------------------------------------------------------------------------- generator
+
+
+class SamplingConfig(Section):
+    """How samples are drawn: MaskGIT (steps, temperature, guidance) or diffusion (DDIM/DDPM)."""
+
+    steps: int = 8
+    temperature: float = 9.5
+    temperature_end: float = 0.0
+    guidance_scale: float = 3.0
+    guidance_schedule: Literal["linear", "constant"] = "linear"
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    ddim_eta: float = 0.0
+
+
+class TrainGeneratorConfig(Section):
+    # auto = MaskGIT for discrete tokens, DiT for continuous tokens.
+    kind: Literal["auto", "maskgit", "dit"] = "auto"
+    # class: class-conditional (class token / label embedding); text: DiT cross-attends to captions.
+    conditioning: Literal["class", "text"] = "class"
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    class_dropout: float = 0.1
+    label_smoothing: float = 0.1
+    learn_sigma: bool = True
+    diffusion_steps: int = 1000
+    train: TrainConfig = TrainConfig(lr=2e-4, weight_decay=0.03, betas=[0.9, 0.96])
+
+
+class EvaluateConfig(Section):
+    num_samples: int = 1000
+    batch_size: int = 100
+    seed: int = 0
+    sampling: SamplingConfig = SamplingConfig()
+    # Reference statistics: Inception features of this split of the ingested images.
+    reference_split: Literal["train", "val"] = "train"
+    reference_images: int = 10000
+    precision_recall_k: int = 3
+    # Original inception-2015-12-05.pt (with its classifier) for the ImageNet Inception Score;
+    # without it, IS uses a linear classifier fitted on the dataset's Inception features.
+    inception_classifier_path: str | None = None
+    # Local CLIP checkpoint (transformers format) for CLIP score of text-conditioned runs.
+    clip_path: str | None = None
+    grid_images: int = 64
+
+
 # --------------------------------------------------------------------------- pipeline
 
 
@@ -149,19 +265,27 @@ class RuntimeConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
+    # Training processes (torchrun). None = one per visible GPU, else 1.
+    processes: int | None = None
+    # DataLoader-style decoding workers for image batches (0 = in the training process).
+    data_workers: int = 0
 
 
-STAGE_ORDER = ("ingest", "caption", "embed-text")
+STAGE_ORDER = ("ingest", "caption", "embed-text", "train-tokenizer", "pretokenize", "train-generator", "evaluate")
 
 
 class PipelineConfig(Section):
     name: str
     description: str = ""
-    stages: list[str] = list(STAGE_ORDER)
+    stages: list[str] = list(STAGE_ORDER[:3])
     runtime: RuntimeConfig = RuntimeConfig()
     ingest: IngestConfig = IngestConfig()
     caption: CaptionConfig = CaptionConfig()
     embed_text: EmbedTextConfig = EmbedTextConfig()
+    train_tokenizer: TrainTokenizerConfig = TrainTokenizerConfig()
+    pretokenize: PretokenizeConfig = PretokenizeConfig()
+    train_generator: TrainGeneratorConfig = TrainGeneratorConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def section(self, stage: str) -> Section:
         return getattr(self, stage.replace("-", "_"))

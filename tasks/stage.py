@@ -81,6 +81,9 @@ class Stage:
     inputs: tuple[str, ...]
     code: tuple[str, ...]
     run: Callable[[StageContext], StageOutput]
+    # What the stage reads from outside the store (e.g. an image folder), as a short hash: part
+    # of the cache key, so changed source files are ingested again.
+    fingerprint: Callable[[Any], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ def plan_stage_run(stage_name: str, section: Section, inputs: dict[str, Manifest
     if missing:
         raise ValueError(f"stage {stage_name} needs the outputs of {sorted(missing)}")
     config_hash = section.digest()
+    if stage.fingerprint is not None:
+        config_hash = hash_value([config_hash, stage.fingerprint(section)])
     version = code_version(stage.code)
     key = stage_cache_key(stage.name, version, config_hash, {name: inputs[name] for name in stage.inputs})
     return StagePlan(stage, config_hash, version, resolve_slot(store, stage.name, key))

@@ -1,0 +1,253 @@
+"""Image-quality metrics: PSNR, SSIM, FID, Inception Score, precision/recall and CLIP score.
+
+Reconstruction metrics (``psnr``, ``ssim``) work on torch tensors in [0, max_val] and return one
+value per image. Distribution metrics work on Inception features gathered by ``extract_features``,
+which follows clean-fid's "clean" mode (uint8 images, PIL bicubic resize to 299 in float,
+(x - 128) / 128), so ``fid_from_statistics`` gives the numbers clean-fid gives on the same images.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from models.inception import InceptionFeatures, to_uint8_clean_resized
+
+
+# ---------------------------------------------------------------- reconstruction metrics
+
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"expected two image batches shaped [B,C,H,W] alike, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def psnr(a: Tensor, b: Tensor, max_val: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image: 10 log10(max_val^2 / MSE). [B,C,H,W] -> [B]."""
+    _check_pair(a, b)
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(dim=1)
+    return (10.0 * torch.log10(max_val**2 / mse)).float()  # inf for identical images
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, like: Tensor) -> Tensor:
+    coords = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(a: Tensor, b: Tensor, max_val: float = 1.0, window_size: int = 11, sigma: float = 1.5) -> Tensor:
+    """Structural similarity (Wang et al. 2004) per image: [B,C,H,W] -> [B].
+
+    Gaussian window 11 / sigma 1.5, K1=0.01, K2=0.03, population (not sample) statistics and
+    only windows fully inside the image ("valid"), then the mean over pixels and channels.
+    This is what skimage's ``structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=max_val)`` computes.
+    """
+    _check_pair(a, b)
+    if min(a.shape[-2:]) < window_size:
+        raise ValueError(f"ssim needs images of at least {window_size}x{window_size}, got {tuple(a.shape[-2:])}")
+    x, y = a.double(), b.double()
+    channels = x.shape[1]
+    w = _gaussian_window(window_size, sigma, channels, x)
+    blur = lambda t: F.conv2d(t, w, groups=channels)  # noqa: E731
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(dim=1).float()
+
+
+# ---------------------------------------------------------------- Inception features
+
+def _to_uint8_hwc(batch: np.ndarray | Tensor) -> np.ndarray:
+    """uint8 numpy [B,H,W,C] or float tensor [B,C,H,W] in [0,1] -> uint8 numpy [B,H,W,C]."""
+    if isinstance(batch, Tensor):
+        if batch.ndim != 4 or batch.shape[1] not in (1, 3):
+            raise ValueError(f"float image tensors must be [B,3,H,W] or [B,1,H,W] in [0,1], got {tuple(batch.shape)}")
+        # Quantize like saving a PNG, so generated images are scored as the files would be.
+        batch = (batch.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return batch.permute(0, 2, 3, 1).cpu().numpy()
+    batch = np.asarray(batch)
+    if batch.dtype != np.uint8 or batch.ndim not in (3, 4):
+        raise ValueError(f"numpy images must be uint8 [B,H,W,3] or [B,H,W], got {batch.dtype} {batch.shape}")
+    return batch
+
+
+@torch.no_grad()
+def extract_features(images_iter: Iterable[np.ndarray | Tensor], net: InceptionFeatures,
+                     batch_size: int = 64, device: torch.device | str | None = None,
+                     progress: bool = False) -> dict[str, np.ndarray]:
+    """Inception features of every image, clean-fid style.
+
+    images_iter yields uint8 numpy [B,H,W,3] (or [B,H,W] grayscale) or float tensors
+    [B,3,H,W] in [0,1]; float tensors are quantized to uint8 first. Each image is resized with
+    clean-fid's PIL bicubic float resizer and fed through ``net.forward_clean`` in float32
+    (autocast off) in chunks of ``batch_size``. ``device`` defaults to the network's device;
+    a different one moves the network there. Returns {"pool": [N,2048]} and, when the network
+    has a classifier, {"logits": [N,1008]} as float64 numpy arrays.
+    """
+    if device is None:
+        device = next(net.parameters()).device
+    device = torch.device(device)
+    net.to(device).eval()
+    out: dict[str, list[np.ndarray]] = {}
+    for batch in tqdm(images_iter, desc="inception features", disable=not progress):
+        batch = _to_uint8_hwc(batch)
+        for start in range(0, len(batch), batch_size):
+            x = to_uint8_clean_resized(batch[start:start + batch_size]).to(device)
+            with torch.autocast(device_type=device.type, enabled=False):
+                feats = net.forward_clean(x)
+            for key, value in feats.items():
+                out.setdefault(key, []).append(value.double().cpu().numpy())
+    if not out:
+        raise ValueError("extract_features got no images from images_iter")
+    return {key: np.concatenate(values) for key, values in out.items()}
+
+
+# ---------------------------------------------------------------- FID
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (rows are samples) of a feature matrix [N,D], as clean-fid stores them."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"feature_statistics needs a [N,D] matrix with N >= 2, got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between two Gaussians, with clean-fid's numerically stable routine."""
+    from cleanfid.fid import frechet_distance
+
+    with warnings.catch_warnings():
+        # clean-fid passes scipy's deprecated `disp=` to sqrtm; the result is unaffected.
+        warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
+        return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+# ---------------------------------------------------------------- Inception Score
+
+def inception_score(logits: np.ndarray | Tensor | None = None, probs: np.ndarray | Tensor | None = None,
+                    splits: int = 10) -> tuple[float, float]:
+    """Inception Score exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` chunks.
+
+    Pass either ``logits`` [N,K] (softmax is taken over all K) or ``probs`` [N,K]. With the
+    2015-12-05 network these are the 1008-way unbiased logits, exactly as torch-fidelity and
+    StyleGAN2-ADA compute IS (the 8 unused classes get ~0 probability and do not matter).
+    Splits are consecutive chunks in the given order, as in the original code.
+    """
+    if (logits is None) == (probs is None):
+        raise ValueError("inception_score needs exactly one of logits= or probs=")
+    as_numpy = lambda t: t.detach().cpu().double().numpy() if isinstance(t, Tensor) else np.asarray(t, np.float64)  # noqa: E731
+    if logits is not None:
+        p = torch.softmax(torch.from_numpy(as_numpy(logits)), dim=1).numpy()
+    else:
+        p = as_numpy(probs)
+        if np.any(p < 0) or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
+            raise ValueError("probs rows must be non-negative and sum to 1; pass raw scores as logits=")
+    if p.ndim != 2 or len(p) < splits:
+        raise ValueError(f"inception_score needs [N,K] with N >= splits={splits}, got {p.shape}")
+    scores = []
+    for chunk in np.array_split(p, splits):
+        p_y = chunk.mean(axis=0, keepdims=True)
+        kl = (chunk * (np.log(chunk + 1e-12) - np.log(p_y + 1e-12))).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---------------------------------------------------------------- precision / recall
+
+def _knn_radii(features: Tensor, k: int, chunk_size: int) -> Tensor:
+    """Distance from each sample to its k-th nearest other sample."""
+    radii = []
+    for start in range(0, len(features), chunk_size):
+        d = torch.cdist(features[start:start + chunk_size], features)
+        radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # column 0 is the point itself
+    return torch.cat(radii)
+
+
+def _inside_manifold(queries: Tensor, refs: Tensor, radii: Tensor, chunk_size: int) -> Tensor:
+    """Whether each query lies within the k-NN ball of at least one reference sample."""
+    inside = []
+    for start in range(0, len(queries), chunk_size):
+        d = torch.cdist(queries[start:start + chunk_size], refs)
+        inside.append((d <= radii[None, :]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(real_features: np.ndarray | Tensor, fake_features: np.ndarray | Tensor, k: int = 3,
+                     chunk_size: int = 1024, device: torch.device | str | None = None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) from k-NN manifolds.
+
+    precision: fraction of fake samples inside the real manifold (union of balls around each
+    real sample with radius = distance to its k-th nearest real neighbour); recall: fraction of
+    real samples inside the fake manifold. Distances are computed ``chunk_size`` rows at a time,
+    so 50k x 50k needs only chunk_size x 50k floats at once. ``device`` defaults to the device of
+    tensor inputs (numpy inputs stay on torch's default device).
+    """
+    real = torch.as_tensor(real_features, dtype=torch.float32, device=device)
+    fake = torch.as_tensor(fake_features, dtype=torch.float32, device=device or real.device)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"expected [N,D] real and [M,D] fake features, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision_recall needs more than k={k} samples in each set")
+    real_radii = _knn_radii(real, k, chunk_size)
+    fake_radii = _knn_radii(fake, k, chunk_size)
+    precision = _inside_manifold(fake, real, real_radii, chunk_size).float().mean().item()
+    recall = _inside_manifold(real, fake, fake_radii, chunk_size).float().mean().item()
+    return precision, recall
+
+
+# ---------------------------------------------------------------- CLIP score
+
+def _to_pil_list(images: np.ndarray | Tensor | Sequence) -> list:
+    from PIL import Image
+
+    if isinstance(images, (np.ndarray, Tensor)):
+        arrays = _to_uint8_hwc(images)
+        if arrays.ndim == 3 or arrays.shape[-1] == 1:
+            arrays = np.repeat(arrays.reshape(*arrays.shape[:3], 1), 3, axis=-1)
+        return [Image.fromarray(a) for a in arrays]
+    return [img.convert("RGB") for img in images]  # already PIL images
+
+
+@torch.no_grad()
+def clip_score(images: np.ndarray | Tensor | Sequence, captions: Sequence[str], model_path: str | Path,
+               batch_size: int = 64, device: torch.device | str | None = None) -> float:
+    """CLIP score (Hessel et al. 2021): mean of 100 * max(cos(image, caption), 0).
+
+    images: uint8 numpy [B,H,W,3], float tensor [B,3,H,W] in [0,1] or a list of PIL images,
+    paired one-to-one with ``captions``. model_path: a local folder holding a CLIPModel and its
+    CLIPProcessor (``save_pretrained`` output); nothing is downloaded. ``device`` defaults to
+    the device of tensor images.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(f"no CLIP checkpoint at {model_path}: expected a folder written by "
+                                "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
+    pil_images = _to_pil_list(images)
+    if len(pil_images) != len(captions) or not captions:
+        raise ValueError(f"clip_score needs one caption per image, got {len(pil_images)} images and {len(captions)} captions")
+    if device is None:
+        device = images.device if isinstance(images, Tensor) else torch.get_default_device()
+    model = CLIPModel.from_pretrained(model_path, local_files_only=True).to(device).eval()
+    processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
+    max_len = model.config.text_config.max_position_embeddings
+    scores = []
+    for start in range(0, len(captions), batch_size):
+        inputs = processor(text=list(captions[start:start + batch_size]), images=pil_images[start:start + batch_size],
+                           return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+        outputs = model(**inputs.to(device))
+        # CLIPModel returns L2-normalised embeddings, so the row-wise dot product is the cosine.
+        cos = (outputs.image_embeds * outputs.text_embeds).sum(dim=-1)
+        scores.append(100.0 * cos.clamp(min=0).float().cpu())
+    return torch.cat(scores).mean().item()

@@ -1,0 +1,301 @@
+"""1D image tokenizer: TiTok (An Image is Worth 32 Tokens) with optional TexTok text
+conditioning (Language-Guided Image Tokenization).
+
+Encoder: [patch embeddings, (text tokens), latent tokens] -> ViT -> keep the latent tokens
+-> linear to the bottleneck (VQ ids or KL Gaussian). Decoder: [mask token per patch,
+(text tokens), projected latent tokens] -> ViT -> keep the patch positions -> linear to
+pixels -> unpatchify. All tensors are batch-first; attention is timm's Block, which calls
+F.scaled_dot_product_attention (padded text tokens are masked out as attention keys).
+
+Images are in [0, 1]; the encoder centres them to [-1, 1] and the decoder maps back, so the
+reconstruction has the input's range (not clamped). Without centring the patch embeddings of
+different images share a large common offset and early training collapses to the mean image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import Tensor
+
+from models.quantizers import KLBottleneck, VectorQuantizer
+
+# size name -> (width, depth, heads)
+TOKENIZER_SIZES: dict[str, tuple[int, int, int]] = {
+    "nano": (64, 2, 2),
+    "tiny": (128, 4, 4),
+    "S": (512, 8, 8),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+}
+
+
+@dataclass
+class TokenizerConfig:
+    image_size: int = 256
+    channels: int = 3
+    patch_size: int = 16
+    size: str = "B"  # key of TOKENIZER_SIZES
+    num_latent_tokens: int = 64
+    bottleneck: str = "vq"  # "vq" | "kl"
+    codebook_size: int = 4096
+    token_dim: int = 12
+    commitment: float = 0.25
+    dead_code_restart_steps: int = 0  # 0 = off
+    text_dim: int = 0  # 0 = no text conditioning
+    max_text_tokens: int = 0
+    text_in_encoder: bool = True
+    text_in_decoder: bool = True
+    drop_path: float = 0.0
+    kl_weight: float = 1e-6  # kl bottleneck only; scales the summed-per-image KL
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.size not in TOKENIZER_SIZES:
+            raise ValueError(f"TokenizerConfig.size={self.size!r}; choose one of {sorted(TOKENIZER_SIZES)}")
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
+        if not 8 <= self.num_latent_tokens <= 256:
+            raise ValueError(f"num_latent_tokens={self.num_latent_tokens} must be in [8, 256]")
+        if self.bottleneck not in ("vq", "kl"):
+            raise ValueError(f"bottleneck={self.bottleneck!r}; choose 'vq' or 'kl'")
+        if self.token_dim < 1:
+            raise ValueError(f"token_dim must be >= 1, got {self.token_dim}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.text_dim < 0:
+            raise ValueError(f"text_dim must be >= 0 (0 = no text), got {self.text_dim}")
+        if self.text_dim > 0:
+            if self.max_text_tokens < 1:
+                raise ValueError("text conditioning (text_dim > 0) needs max_text_tokens >= 1")
+            if not (self.text_in_encoder or self.text_in_decoder):
+                raise ValueError("text_dim > 0 but text_in_encoder and text_in_decoder are both False; "
+                                 "set text_dim=0 for an unconditioned tokenizer")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+
+@dataclass
+class TokenizerOutput:
+    reconstruction: Tensor  # [B, C, H, W], same range as the input, not clamped
+    tokens: Tensor  # vq: long [B, N]; kl: float [B, N, token_dim]
+    losses: dict[str, Tensor] = field(default_factory=dict)  # weighted scalars to add to the loss
+    stats: dict[str, Tensor] = field(default_factory=dict)  # detached scalars for logging
+
+
+class TextConditioner(nn.Module):
+    """Projects precomputed text embeddings [B, T, text_dim] to the model width and adds a
+    learned position embedding; also validates the text inputs."""
+
+    def __init__(self, text_dim: int, max_text_tokens: int, width: int):
+        super().__init__()
+        self.text_dim = text_dim
+        self.max_text_tokens = max_text_tokens
+        self.proj = nn.Linear(text_dim, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_text_tokens, width))
+
+    def forward(self, text: Tensor, text_mask: Tensor | None, batch: int) -> tuple[Tensor, Tensor | None]:
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.text_dim:
+            raise ValueError(f"text must be [B={batch}, T, text_dim={self.text_dim}], got {tuple(text.shape)}")
+        if text.shape[1] > self.max_text_tokens:
+            raise ValueError(f"text has {text.shape[1]} tokens but max_text_tokens={self.max_text_tokens}; "
+                             "truncate the text or raise max_text_tokens")
+        if text_mask is not None and (text_mask.shape != text.shape[:2] or text_mask.dtype != torch.bool):
+            raise ValueError(f"text_mask must be a bool tensor of shape {tuple(text.shape[:2])}, "
+                             f"got {text_mask.dtype} {tuple(text_mask.shape)}")
+        x = self.proj(text) + self.pos_embed[:, : text.shape[1]]
+        return x, text_mask
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm timm ViT blocks with a final LayerNorm; takes an optional boolean
+    key mask [B, S] (True = attend)."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        # Stochastic depth grows linearly with depth (plain floats: this also runs on "meta").
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r) for r in rates
+        )
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        # SDPA broadcasts a [B, 1, 1, S] mask over heads and queries.
+        attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        return self.norm(x)
+
+
+def _sequence_with_text(parts: list[Tensor], text: Tensor | None, text_mask: Tensor | None,
+                        text_index: int) -> tuple[Tensor, Tensor | None]:
+    """Concatenate parts, inserting text at text_index, and build the key mask (None when no
+    text mask is given, so SDPA can use its fastest kernels)."""
+    if text is None:
+        return torch.cat(parts, dim=1), None
+    seq = torch.cat(parts[:text_index] + [text] + parts[text_index:], dim=1)
+    if text_mask is None:  # every text token is real
+        return seq, None
+    masks = [torch.ones(p.shape[:2], dtype=torch.bool, device=p.device) for p in parts]
+    key_mask = torch.cat(masks[:text_index] + [text_mask] + masks[text_index:], dim=1)
+    return seq, key_mask
+
+
+class Tokenizer(nn.Module):
+    """TiTok-style 1D tokenizer with a VQ or KL bottleneck and optional in-context text."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        width, depth, heads = TOKENIZER_SIZES[config.size]
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.width = width
+        n_patch, n_latent = config.num_patches, config.num_latent_tokens
+
+        # Encoder
+        self.patch_embed = PatchEmbed(config.image_size, config.patch_size, config.channels, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patch, width))
+        self.latent_tokens = nn.Parameter(torch.zeros(1, n_latent, width))
+        self.latent_pos_embed = nn.Parameter(torch.zeros(1, n_latent, width))
+        self.encoder = Transformer(width, depth, heads, config.mlp_ratio, config.drop_path)
+        bottleneck_in = config.token_dim * (2 if config.bottleneck == "kl" else 1)
+        self.to_bottleneck = nn.Linear(width, bottleneck_in)
+        if config.bottleneck == "vq":
+            self.quantizer: nn.Module = VectorQuantizer(config.codebook_size, config.token_dim,
+                                                        config.commitment, config.dead_code_restart_steps)
+        else:
+            self.quantizer = KLBottleneck(config.token_dim, config.kl_weight)
+
+        # Decoder
+        self.decoder_embed = nn.Linear(config.token_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n_patch, width))
+        self.decoder_latent_pos_embed = nn.Parameter(torch.zeros(1, n_latent, width))
+        self.decoder = Transformer(width, depth, heads, config.mlp_ratio, config.drop_path)
+        self.to_pixels = nn.Linear(width, config.patch_size ** 2 * config.channels)
+
+        # Text conditioning (TexTok): separate projections for encoder and decoder.
+        uses_text = config.text_dim > 0
+        self.encoder_text = (TextConditioner(config.text_dim, config.max_text_tokens, width)
+                             if uses_text and config.text_in_encoder else None)
+        self.decoder_text = (TextConditioner(config.text_dim, config.max_text_tokens, width)
+                             if uses_text and config.text_in_decoder else None)
+
+        self.apply(_init_linear_and_norm)
+        for p in (self.pos_embed, self.latent_tokens, self.latent_pos_embed, self.mask_token,
+                  self.decoder_pos_embed, self.decoder_latent_pos_embed):
+            trunc_normal_(p, std=0.02)
+        for cond in (self.encoder_text, self.decoder_text):
+            if cond is not None:
+                trunc_normal_(cond.pos_embed, std=0.02)
+
+    @property
+    def uses_text(self) -> bool:
+        return self.config.text_dim > 0
+
+    @property
+    def is_discrete(self) -> bool:
+        return self.config.bottleneck == "vq"
+
+    def _check_text(self, conditioner: TextConditioner | None, text: Tensor | None,
+                    text_mask: Tensor | None, where: str) -> None:
+        if not self.uses_text and (text is not None or text_mask is not None):
+            raise ValueError(f"{where}: this tokenizer has no text conditioning (text_dim=0) but text "
+                             "was given; drop the text or build it with text_dim > 0")
+        if conditioner is not None and text is None:
+            raise ValueError(f"{where}: this tokenizer is text-conditioned (text_dim={self.config.text_dim}) "
+                             "and needs text=[B, T, text_dim] (and text_mask=[B, T] for padding)")
+        if text is None and text_mask is not None:
+            raise ValueError(f"{where}: text_mask given without text")
+
+    def _check_images(self, images: Tensor) -> None:
+        c = self.config
+        expected = (c.channels, c.image_size, c.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must be [B, {c.channels}, {c.image_size}, {c.image_size}], "
+                             f"got {tuple(images.shape)}")
+
+    def _encode(self, images: Tensor, text: Tensor | None, text_mask: Tensor | None):
+        self._check_images(images)
+        self._check_text(self.encoder_text, text, text_mask, "encode")
+        b = images.shape[0]
+        # Centre [0, 1] pixels so the patch embedding is not dominated by a shared offset.
+        patches = self.patch_embed(images * 2.0 - 1.0) + self.pos_embed
+        latents = (self.latent_tokens + self.latent_pos_embed).expand(b, -1, -1)
+        text_x = None
+        if self.encoder_text is not None:
+            text_x, text_mask = self.encoder_text(text, text_mask, b)
+        x, key_mask = _sequence_with_text([patches, latents], text_x, text_mask, text_index=1)
+        x = self.encoder(x, key_mask)
+        h = self.to_bottleneck(x[:, -self.config.num_latent_tokens:])
+        return self.quantizer(h)  # (decoder latents, tokens, losses, stats)
+
+    def _decode(self, latents: Tensor, text: Tensor | None, text_mask: Tensor | None) -> Tensor:
+        c = self.config
+        b = latents.shape[0]
+        latents = self.decoder_embed(latents) + self.decoder_latent_pos_embed
+        masks = self.mask_token.expand(b, c.num_patches, -1) + self.decoder_pos_embed
+        text_x = None
+        if self.decoder_text is not None:
+            text_x, text_mask = self.decoder_text(text, text_mask, b)
+        x, key_mask = _sequence_with_text([masks, latents], text_x, text_mask, text_index=1)
+        x = self.decoder(x, key_mask)
+        pixels = self.to_pixels(x[:, : c.num_patches])
+        return self._unpatchify(pixels) * 0.5 + 0.5  # back to the [0, 1] input range
+
+    def _unpatchify(self, x: Tensor) -> Tensor:
+        c = self.config
+        g, p = c.grid_size, c.patch_size
+        x = x.reshape(x.shape[0], g, g, p, p, c.channels)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c.channels, g * p, g * p)
+
+    def encode(self, images: Tensor, text: Tensor | None = None,
+               text_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """images [B, C, H, W] -> (tokens, losses, stats). Tokens are ids [B, N] (vq) or
+        continuous [B, N, token_dim] (kl: a sample in train mode, the mean in eval)."""
+        _, tokens, losses, stats = self._encode(images, text, text_mask)
+        return tokens, losses, stats
+
+    def decode(self, tokens: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
+        """tokens (ids [B, N] for vq, [B, N, token_dim] for kl) -> images [B, C, H, W]."""
+        c = self.config
+        self._check_text(self.decoder_text, text, text_mask, "decode")
+        if self.is_discrete:
+            if tokens.ndim != 2 or tokens.shape[1] != c.num_latent_tokens:
+                raise ValueError(f"vq decode expects ids [B, {c.num_latent_tokens}], got {tuple(tokens.shape)}")
+            latents = self.quantizer.embed(tokens)
+        else:
+            if tokens.ndim != 3 or tokens.shape[1:] != (c.num_latent_tokens, c.token_dim):
+                raise ValueError(f"kl decode expects [B, {c.num_latent_tokens}, {c.token_dim}], "
+                                 f"got {tuple(tokens.shape)}")
+            latents = tokens
+        return self._decode(latents, text, text_mask)
+
+    def forward(self, images: Tensor, text: Tensor | None = None,
+                text_mask: Tensor | None = None) -> TokenizerOutput:
+        self._check_text(self.decoder_text, text, text_mask, "decode")  # fail before encoding
+        latents, tokens, losses, stats = self._encode(images, text, text_mask)
+        reconstruction = self._decode(latents, text, text_mask)
+        return TokenizerOutput(reconstruction, tokens, losses, stats)
+
+
+def _init_linear_and_norm(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

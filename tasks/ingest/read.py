@@ -1,0 +1,97 @@
+"""Readers of the ingest artifact for later stages: tables, streamed batches, PNG decoding."""
+
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from PIL import Image
+
+from tasks.ingest.tables import CLASSES_SCHEMA, IMAGES_SCHEMA
+from tasks.store import Manifest, Store
+
+SPLITS = ("train", "val")
+
+
+def _check_request(columns: list[str] | None, split: str | None) -> None:
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    unknown = [c for c in columns or () if c not in IMAGES_SCHEMA.names]
+    if unknown:
+        raise KeyError(f"the images table has no column(s) {unknown}; it has {IMAGES_SCHEMA.names}")
+
+
+def _files(manifest: Manifest, store: Store, table: str) -> list[str]:
+    if manifest.stage != "ingest":
+        raise ValueError(f"expected the manifest of the ingest stage, got one of {manifest.stage!r}")
+    manifest.table_glob(store, table)  # raises a clear KeyError if the table is absent
+    return [str(path) for path in manifest.table_files(store, table)]
+
+
+def image_table(
+    manifest: Manifest, store: Store, columns: list[str] | None = None, split: str | None = None
+) -> pa.Table:
+    """The images table (only `columns` if given; pass small ones to leave the PNGs on disk)."""
+    _check_request(columns, split)
+    dataset = pads.dataset(_files(manifest, store, "images"), schema=IMAGES_SCHEMA, format="parquet")
+    condition = pc.field("split") == split if split is not None else None
+    return dataset.to_table(columns=columns, filter=condition)
+
+
+def iter_image_batches(
+    manifest: Manifest,
+    store: Store,
+    batch_size: int,
+    split: str | None = None,
+    columns: list[str] | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Rows of the images table in stored order, `batch_size` per batch (the last may be short).
+
+    Reads one Parquet row group at a time, so memory stays flat however large the table is.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_request(columns, split)
+    wanted = list(columns) if columns else list(IMAGES_SCHEMA.names)
+    read = wanted if split is None or "split" in wanted else [*wanted, "split"]
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for path in _files(manifest, store, "images"):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=read):
+            if split is not None:
+                batch = batch.filter(pc.equal(batch.column("split"), split)).select(wanted)
+            if batch.num_rows == 0:
+                continue
+            pending.append(batch)
+            count += batch.num_rows
+            while count >= batch_size:
+                merged = pa.concat_batches(pending)
+                yield merged.slice(0, batch_size)
+                rest = merged.slice(batch_size)
+                pending, count = ([rest] if rest.num_rows else []), rest.num_rows
+    if count:
+        yield pa.concat_batches(pending)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """A stored PNG -> [H, W, 3] uint8 RGB array."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def class_names(manifest: Manifest, store: Store) -> list[str]:
+    """Class names, index = label_id."""
+    table = pads.dataset(_files(manifest, store, "classes"), schema=CLASSES_SCHEMA, format="parquet").to_table(
+        columns=["label_id", "label_name"]
+    )
+    ids = table.column("label_id").to_pylist()
+    names = table.column("label_name").to_pylist()
+    if sorted(ids) != list(range(len(ids))):
+        raise ValueError(f"classes table of ingest/{manifest.artifact_id} has label ids {sorted(ids)}, not 0..K-1")
+    by_id = dict(zip(ids, names))
+    return [by_id[index] for index in range(len(ids))]

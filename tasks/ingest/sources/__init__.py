@@ -1,0 +1,27 @@
+"""Image sources for the ingest stage, one module per `ingest.source.kind`."""
+
+from __future__ import annotations
+
+from tasks.config import SourceConfig
+from tasks.ingest.sources.base import Item, Source, SourceError
+from tasks.ingest.sources.fashion_mnist import open_fashion_mnist
+from tasks.ingest.sources.folder import open_folder
+from tasks.ingest.sources.huggingface import open_huggingface
+from tasks.ingest.sources.tuxpaint import open_tuxpaint
+
+_OPENERS = {
+    "fashion-mnist": open_fashion_mnist,
+    "tuxpaint": open_tuxpaint,
+    "folder": open_folder,
+    "huggingface": open_huggingface,
+}
+
+
+def open_source(config: SourceConfig) -> Source:
+    """The configured source, its items listed in a fixed order (first `max_images` of them)."""
+    if config.kind not in _OPENERS:
+        raise SourceError(f"unknown ingest.source.kind {config.kind!r}; known: {sorted(_OPENERS)}")
+    return _OPENERS[config.kind](config)
+
+
+__all__ = ["Item", "Source", "SourceError", "open_source"]

@@ -1,0 +1,207 @@
+"""The ingest stage: a configured image source -> `images`, `rejects` and `classes` tables.
+
+Items are processed in fixed shards of `shard_rows` source items; a finished shard is a pair
+of Parquet files, so a rerun after a kill skips straight to the first unfinished shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import multiprocessing
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.config import IngestConfig
+from tasks.ingest.fingerprint import source_fingerprint
+from tasks.ingest.process import Accepted, Rejected, process_item
+from tasks.ingest.sources import Item, Source, SourceError, open_source
+from tasks.ingest.tables import (
+    CLASSES_SCHEMA,
+    IMAGES_SCHEMA,
+    REJECTS_SCHEMA,
+    column_types,
+    part_path,
+    shard_done,
+    table_glob,
+    write_parquet,
+    write_shard,
+)
+from tasks.progress import Progress
+from tasks.stage import Stage, StageContext, StageOutput
+from tasks.store import TableRecord
+
+Outcome = tuple[Item, Accepted | Rejected]
+
+
+def split_of(image_id: str, salt: str, val_fraction: float) -> str:
+    """"val" for a stable pseudo-random `val_fraction` of ids, else "train"."""
+    digest = hashlib.sha256((salt + image_id).encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def _check(config: IngestConfig) -> None:
+    if config.resolution < 1:
+        raise ValueError(f"ingest.resolution must be >= 1, got {config.resolution}")
+    if config.shard_rows < 1:
+        raise ValueError(f"ingest.shard_rows must be >= 1, got {config.shard_rows}")
+    if not 0.0 <= config.val_fraction <= 1.0:
+        raise ValueError(f"ingest.val_fraction must be within [0, 1], got {config.val_fraction}")
+    if config.max_image_pixels < 1:
+        raise ValueError(f"ingest.max_image_pixels must be >= 1, got {config.max_image_pixels}")
+
+
+@contextmanager
+def _mapper(config: IngestConfig, workers: int) -> Iterator[Callable[[Iterable[Item]], Iterator[Outcome]]]:
+    """`map` of `process_item` over items, in order: in this process, or in a process pool."""
+    work = functools.partial(process_item, config=config)
+    if workers <= 1:
+        yield lambda items: map(work, items)
+        return
+    # spawn: a forked copy of a process with torch/Prefect threads can deadlock.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield lambda items: pool.imap(work, items, chunksize=16)
+
+
+def _finished_ids(output_dir: Path, index: int) -> list[str]:
+    table = pq.read_table(part_path(output_dir, "images", index), columns=["image_id"])
+    return table.column("image_id").to_pylist()
+
+
+def _process_shard(
+    outcomes: Iterable[Outcome], source: Source, config: IngestConfig, seen: set[str], progress: Progress
+) -> tuple[pa.Table, pa.Table]:
+    images: dict[str, list] = {name: [] for name in IMAGES_SCHEMA.names}
+    rejects: dict[str, list] = {name: [] for name in REJECTS_SCHEMA.names}
+
+    def reject(item: Item, reason: str, detail: str) -> None:
+        rejects["source"].append(item.source)
+        rejects["reason"].append(reason)
+        rejects["detail"].append(detail)
+
+    for item, outcome in outcomes:
+        progress.update(1)
+        if isinstance(outcome, Rejected):
+            reject(item, outcome.reason, outcome.detail)
+            continue
+        if outcome.image_id in seen:
+            reject(item, "duplicate", f"duplicate of {outcome.image_id}")
+            continue
+        seen.add(outcome.image_id)
+        row = {
+            "image_id": outcome.image_id,
+            "split": split_of(outcome.image_id, config.split_salt, config.val_fraction),
+            "label_id": item.label_id,
+            "label_name": source.classes[item.label_id],
+            "source_caption": item.caption,
+            "source": item.source,
+            "orig_width": outcome.width,
+            "orig_height": outcome.height,
+            "image": outcome.png,
+        }
+        for name, value in row.items():
+            images[name].append(value)
+    return pa.table(images, schema=IMAGES_SCHEMA), pa.table(rejects, schema=REJECTS_SCHEMA)
+
+
+def _tally(output_dir: Path, shards: int, classes: list[str]) -> tuple[pa.Table, dict[str, int]]:
+    """The classes table and summary counts, read back from the finished shards (small columns)."""
+    per_split = {"train": np.zeros(len(classes), np.int64), "val": np.zeros(len(classes), np.int64)}
+    reasons: Counter[str] = Counter()
+    for index in range(shards):
+        images = pq.read_table(part_path(output_dir, "images", index), columns=["label_id", "split"])
+        labels = images.column("label_id").to_numpy()
+        splits = np.asarray(images.column("split").to_pylist(), dtype=object)
+        for split, counts in per_split.items():
+            counts += np.bincount(labels[splits == split], minlength=len(classes))
+        rejected = pq.read_table(part_path(output_dir, "rejects", index), columns=["reason"])
+        reasons.update(rejected.column("reason").to_pylist())
+    train, val = per_split["train"], per_split["val"]
+    table = pa.table(
+        {
+            "label_id": np.arange(len(classes), dtype=np.int32),
+            "label_name": classes,
+            "images": train + val,
+            "train": train,
+            "val": val,
+        },
+        schema=CLASSES_SCHEMA,
+    )
+    summary = {
+        "images": int(train.sum() + val.sum()),
+        "rejected": sum(reasons.values()),
+        "train": int(train.sum()),
+        "val": int(val.sum()),
+        "classes": len(classes),
+        **{f"rejected_{reason}": count for reason, count in sorted(reasons.items())},
+    }
+    return table, summary
+
+
+def run_ingest(ctx: StageContext) -> StageOutput:
+    config: IngestConfig = ctx.config
+    _check(config)
+    source = open_source(config.source)
+    total = len(source)
+    if total == 0:
+        raise SourceError(f"{source.description} yields no items (ingest.source.max_images={config.source.max_images})")
+    output_dir = ctx.output_dir
+    shards = math.ceil(total / config.shard_rows)
+    for table in ("images", "rejects", "classes"):
+        # Temporaries of a killed run, and parts beyond the last shard (only possible if the
+        # source listing changed since): neither belongs to this run's output.
+        for leftover in sorted((output_dir / table).glob(".*.tmp")):
+            leftover.unlink()
+        for stale in sorted((output_dir / table).glob("part-*.parquet")):
+            if table != "classes" and int(stale.stem.split("-")[1]) >= shards:
+                stale.unlink()
+
+    done = [index for index in range(shards) if shard_done(output_dir, index)]
+    initial = sum(min(config.shard_rows, total - index * config.shard_rows) for index in done)
+    seen: set[str] = set()
+    workers = max(1, ctx.runtime.threads or 1)
+    with ctx.progress(total, "images", unit="img", initial=initial) as bar, _mapper(config, workers) as mapper:
+        for index in range(shards):
+            if shard_done(output_dir, index):
+                # Ids of finished shards, in shard order: duplicates are judged exactly as in one run.
+                seen.update(_finished_ids(output_dir, index))
+                continue
+            start = index * config.shard_rows
+            items = source.items(start, start + config.shard_rows)
+            images, rejects = _process_shard(mapper(items), source, config, seen, bar)
+            write_shard(output_dir, index, images, rejects)
+
+    classes, summary = _tally(output_dir, shards, source.classes)
+    write_parquet(classes, part_path(output_dir, "classes", 0))
+    rows = {
+        "images": summary["images"],
+        "rejects": summary["rejected"],
+        "classes": len(source.classes),
+    }
+    tables = {
+        name: TableRecord(glob=table_glob(name), rows=rows[name], columns=column_types(schema))
+        for name, schema in (("images", IMAGES_SCHEMA), ("rejects", REJECTS_SCHEMA), ("classes", CLASSES_SCHEMA))
+    }
+    summary = {**summary, "source": source.description, "shards": shards}
+    return StageOutput(tables=tables, summary=summary)
+
+
+STAGE = Stage(
+    name="ingest",
+    description=(
+        "Read images from the configured source (Fashion-MNIST, Tux Paint stamps, a folder or a "
+        "Hugging Face dataset), reject unusable ones with a reason, deduplicate, split train/val, "
+        "and store square RGB PNGs with labels and source captions."
+    ),
+    inputs=(),
+    code=("tasks.ingest",),
+    run=run_ingest,
+    fingerprint=source_fingerprint,
+)

@@ -1,0 +1,1 @@
+"""Shared training machinery: data order, checkpoints, distributed setup, the training loop."""

@@ -1,0 +1,186 @@
+"""The training loop shared by the tokenizer and generator stages.
+
+It owns what both need and what is easy to get subtly wrong: the learning-rate schedule,
+exact resume (weights, EMA, optimizers, RNG states, data position), atomic checkpoints, the
+loss log and plot, progress. What a step computes is the caller's `step_fn`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tasks.progress import Progress
+from tasks.store import atomic_write_text
+from tasks.training.checkpoint import CheckpointDir
+from tasks.training.data import EpochOrder, Position, global_batches, rank_slice
+from tasks.training.distributed import Processes, average_gradients, barrier, mean_over_processes
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to `min_ratio` of the base rate."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (precision auto or bf16); full precision elsewhere."""
+    use_bf16 = device.type == "cuda" and precision in ("auto", "bf16")
+    if precision == "bf16" and device.type != "cuda":
+        use_bf16 = device.type == "cpu"  # explicit request: honour it on CPU too
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def optimize(
+    loss: torch.Tensor,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+    processes: Processes,
+    ddp_wrapped: bool,
+) -> float:
+    """Backward, cross-process gradient mean (if not DDP), clip, step. Returns the grad norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if not ddp_wrapped:
+        average_gradients(module, processes)
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    return float(norm)
+
+
+@dataclass
+class TrainingRun:
+    """One training run: what to optimise, where its state lives, what a step does."""
+
+    stage: str
+    work_dir: Path
+    total_steps: int
+    batch_size: int
+    warmup_steps: int
+    min_lr_ratio: float
+    checkpoint_every: int
+    log_every: int
+    # Modules saved in checkpoints by name ("model", "ema", "discriminator", ...): unwrapped.
+    modules: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    processes: Processes
+    order: EpochOrder
+    step_fn: Callable[[np.ndarray, int], dict[str, float]]
+    after_step: Callable[[int], None] | None = None
+
+    @property
+    def checkpoints(self) -> CheckpointDir:
+        return CheckpointDir(self.work_dir / "checkpoints")
+
+    @property
+    def loss_log(self) -> Path:
+        return self.work_dir / "losses.jsonl"
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    resumed_from: int
+    history: list[dict[str, float]]
+
+
+def _read_history(path: Path, up_to_step: int) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    history = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if entry["step"] <= up_to_step:
+            history.append(entry)
+    return history
+
+
+def train(run: TrainingRun) -> TrainingResult:
+    """Run (or resume) to `total_steps`; checkpoints every `checkpoint_every` and at the end."""
+    processes = run.processes
+    for optimizer in run.optimizers.values():
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+    step, position = 0, Position()
+    latest = run.checkpoints.latest()
+    if latest is not None:
+        state = CheckpointDir.load(latest, run.modules, run.optimizers, map_location=processes.device)
+        step, position = state["step"], Position(**state["position"])
+    resumed_from = step
+    # Entries after the checkpoint were made by the killed run; the resumed run makes them again.
+    history = _read_history(run.loss_log, step)
+    if processes.is_main:
+        atomic_write_text(run.loss_log, "".join(json.dumps(h) + "\n" for h in history))
+    progress = Progress(run.stage, run.total_steps, "training", unit="step", initial=step) if processes.is_main else None
+    batches = global_batches(run.order, run.batch_size, position)
+    try:
+        while step < run.total_steps:
+            rows, position = next(batches)
+            factor = lr_factor(step, run.total_steps, run.warmup_steps, run.min_lr_ratio)
+            for optimizer in run.optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+            logs = run.step_fn(rank_slice(rows, processes.rank, processes.world), step)
+            step += 1
+            if run.after_step is not None:
+                run.after_step(step)
+            if step % run.log_every == 0 or step == run.total_steps:
+                logs = mean_over_processes(logs, processes)
+                entry = {"step": step, "lr_factor": factor, **logs}
+                history.append(entry)
+                if processes.is_main:
+                    with open(run.loss_log, "a") as handle:
+                        handle.write(json.dumps(entry) + "\n")
+            if step % run.checkpoint_every == 0 or step == run.total_steps:
+                if processes.is_main:
+                    run.checkpoints.save(
+                        step, run.modules, run.optimizers, {"position": position.__dict__}
+                    )
+                barrier(processes)
+            if progress is not None:
+                progress.update(1, **{k: f"{v:.4g}" for k, v in list(logs.items())[:3]})
+    finally:
+        if progress is not None:
+            progress.close()
+    return TrainingResult(step, resumed_from, history)
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Loss curves (one panel per logged quantity) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in (history[0] if history else {}) if k not in ("step", "lr_factor")]
+    columns = max(1, min(3, len(keys)))
+    rows = max(1, math.ceil(len(keys) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    steps = [h["step"] for h in history]
+    for axis, key in zip(axes.flat, keys):
+        axis.plot(steps, [h.get(key, float("nan")) for h in history])
+        axis.set_title(key)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(keys):]:
+        axis.axis("off")
+    figure.suptitle(title)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(path)
