@@ -196,7 +196,10 @@ def ensure_database(store: Store, attempts: int = 20) -> bool:
             return True
         for attempt in range(attempts):
             try:
-                connection = duckdb.connect(str(store.duckdb_path))
+                # An older storage format so the `duckdb` CLI (duckdb-cli, 1.x) can open the file too.
+                connection = duckdb.connect(
+                    str(store.duckdb_path), config={"storage_compatibility_version": "v1.0.0"}
+                )
             except duckdb.IOException:
                 time.sleep(min(0.1 * 2**attempt, 2.0))
                 continue
