@@ -39,9 +39,17 @@ def _stage_flow(stage: str):
 ingest_flow = _stage_flow("ingest")
 caption_flow = _stage_flow("caption")
 embed_text_flow = _stage_flow("embed-text")
+train_tokenizer_flow = _stage_flow("train-tokenizer")
+pretokenize_flow = _stage_flow("pretokenize")
+train_generator_flow = _stage_flow("train-generator")
+evaluate_flow = _stage_flow("evaluate")
 
 STAGE_FLOWS = {
     "ingest": ingest_flow,
     "caption": caption_flow,
     "embed-text": embed_text_flow,
+    "train-tokenizer": train_tokenizer_flow,
+    "pretokenize": pretokenize_flow,
+    "train-generator": train_generator_flow,
+    "evaluate": evaluate_flow,
 }

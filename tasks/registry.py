@@ -12,9 +12,13 @@ def all_stages() -> dict[str, Stage]:
     # Imported here so that `tasks.stage` stays importable without every stage's dependencies.
     from tasks.caption.stage import STAGE as CAPTION
     from tasks.embed_text.stage import STAGE as EMBED_TEXT
+    from tasks.evaluate.stage import STAGE as EVALUATE
     from tasks.ingest.stage import STAGE as INGEST
+    from tasks.pretokenize.stage import STAGE as PRETOKENIZE
+    from tasks.train_generator.stage import STAGE as TRAIN_GENERATOR
+    from tasks.train_tokenizer.stage import STAGE as TRAIN_TOKENIZER
 
-    stages = [INGEST, CAPTION, EMBED_TEXT]
+    stages = [INGEST, CAPTION, EMBED_TEXT, TRAIN_TOKENIZER, PRETOKENIZE, TRAIN_GENERATOR, EVALUATE]
     return {stage.name: stage for stage in stages}
 
 

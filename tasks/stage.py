@@ -6,13 +6,15 @@ cache policy computes the same verified key, so a Prefect cache hit is always an
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tasks import lineage
 from tasks.cache import CacheSlot, StageCachePolicy, code_version, git_revision, resolve_slot, stage_cache_key
@@ -172,6 +174,42 @@ def execute_stage(
         stage_run_id = record_cache_hit(plan, plan.slot.manifest, stage_inputs, store, run_id)
         return StageResult(plan.slot.manifest, True, stage_run_id)
 
+    locked_slot = plan.slot.slot_key
+    work_dir = store.work_dir(stage_name, locked_slot)
+    with _exclusive(work_dir / ".lock"):
+        # Another process may have finished this very run while we waited for the lock.
+        plan = plan_stage_run(stage_name, section, inputs, store)
+        if plan.slot.manifest is not None:
+            stage_run_id = record_cache_hit(plan, plan.slot.manifest, stage_inputs, store, run_id)
+            return StageResult(plan.slot.manifest, True, stage_run_id)
+        if plan.slot.slot_key == locked_slot:
+            return _compute(plan, section, stage_inputs, store, runtime, run_id, work_dir)
+    # The slot moved on while we waited (the other run was recorded incomplete): start over.
+    return execute_stage(stage_name, section, inputs, store, runtime, run_id)
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One process at a time computes a given cache slot (others wait, then hit the cache)."""
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compute(
+    plan: StagePlan,
+    section: Section,
+    stage_inputs: dict[str, Manifest],
+    store: Store,
+    runtime: RuntimeConfig,
+    run_id: str | None,
+    work_dir: Path,
+) -> StageResult:
+    stage = plan.stage
+    stage_name = stage.name
     stage_run_id = lineage.new_id()
     started = lineage.now()
     common = dict(
@@ -187,7 +225,6 @@ def execute_stage(
         started_at=started,
     )
     lineage.record_stage_event(store, status="running", **common)
-    work_dir = store.work_dir(stage_name, plan.slot.slot_key)
     context = StageContext(stage_name, section, stage_inputs, store, runtime, plan.slot.slot_key, work_dir)
     if runtime.threads:
         import torch
@@ -196,7 +233,7 @@ def execute_stage(
     try:
         _check_injected_fault(stage_name)
         output = stage.run(context)
-        for leftover in context.output_dir.rglob(".*"):
+        for leftover in list(context.output_dir.rglob(".*")):
             # Temporary files of interrupted writes never become part of an artifact.
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         manifest = store.commit_artifact(

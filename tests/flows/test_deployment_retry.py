@@ -85,13 +85,13 @@ async def _scenario(api: str, store: Path, fault_file: Path):
 def test_ui_retry_reuses_completed_stages(local_prefect):
     # embed-text fails on the first attempt; ingest and caption complete before it.
     local_prefect["fault_file"].write_text("embed-text\n")
-    os.environ["PREFECT_API_URL"] = local_prefect["api"]
-    try:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # Settings are read once per process: point this test's client at the local server explicitly.
+    with temporary_settings({PREFECT_API_URL: local_prefect["api"]}):
         flow_run_id, task_runs = asyncio.run(
             _scenario(local_prefect["api"], local_prefect["store"], local_prefect["fault_file"])
         )
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
     states = {}
     for name, state in task_runs:
         states.setdefault(name, []).append(state)

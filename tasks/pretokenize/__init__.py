@@ -1,0 +1,1 @@
+"""The pretokenize stage: the ingested images as 1D token sequences of the trained tokenizer."""

@@ -1,0 +1,1 @@
+"""The train-generator stage: MaskGIT or DiT trained on a pretokenize token table."""

@@ -1,0 +1,1 @@
+"""The train-tokenizer stage: TiTok / TexTok 1D tokenizers on the ingested images."""

@@ -1,0 +1,77 @@
+"""The tokenizer files of a `train-tokenizer` artifact: writing them, loading the model back.
+
+    tokenizer.safetensors       EMA weights (the inference model)
+    tokenizer-raw.safetensors   the optimised (non-EMA) weights
+    tokenizer.json              TokenizerConfig as a dict, token shape, the text it expects
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.tokenizer import Tokenizer, TokenizerConfig
+from tasks.store import Manifest, Store, read_json, temporary_path, write_json
+
+INFO_FILE = "tokenizer.json"
+EMA_WEIGHTS = "tokenizer.safetensors"
+RAW_WEIGHTS = "tokenizer-raw.safetensors"
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = temporary_path(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def save_tokenizer(
+    directory: Path, config: TokenizerConfig, ema: dict[str, torch.Tensor], raw: dict[str, torch.Tensor],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Write both weight files and tokenizer.json (config, token shape, plus `extra`); returns the json."""
+    save_weights(ema, directory / EMA_WEIGHTS)
+    save_weights(raw, directory / RAW_WEIGHTS)
+    discrete = config.bottleneck == "vq"
+    info = {
+        "config": dataclasses.asdict(config),
+        "discrete": discrete,
+        "seq_len": config.num_latent_tokens,
+        "codebook_size": config.codebook_size if discrete else None,
+        "token_dim": config.token_dim,
+        "image_size": config.image_size,
+        "weights": {"ema": EMA_WEIGHTS, "raw": RAW_WEIGHTS},
+        **extra,
+    }
+    write_json(directory / INFO_FILE, info)
+    return info
+
+
+def tokenizer_info(manifest: Manifest, store: Store) -> dict[str, Any]:
+    """The artifact's tokenizer.json: model config, token shape and the text it expects."""
+    if manifest.stage != "train-tokenizer":
+        raise ValueError(f"expected a train-tokenizer artifact, got one of stage {manifest.stage!r} ({manifest.artifact_id})")
+    path = manifest.path(store, INFO_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"train-tokenizer/{manifest.artifact_id} has no {INFO_FILE} at {path}; rerun train-tokenizer")
+    return read_json(path)
+
+
+def load_tokenizer(
+    manifest: Manifest, store: Store, device: str | torch.device = "cpu", ema: bool = True
+) -> tuple[Tokenizer, dict[str, Any]]:
+    """The tokenizer in eval mode (EMA weights unless `ema=False`) and its tokenizer.json."""
+    info = tokenizer_info(manifest, store)
+    weights = manifest.path(store, EMA_WEIGHTS if ema else RAW_WEIGHTS)
+    if not weights.is_file():
+        raise FileNotFoundError(f"train-tokenizer/{manifest.artifact_id} has no weights file {weights}")
+    config = TokenizerConfig(**info["config"])
+    # Built without memory, then given the stored tensors: no time spent on a random init.
+    with torch.device("meta"):
+        model = Tokenizer(config)
+    model.load_state_dict(load_file(weights, device=str(device)), strict=True, assign=True)
+    return model.eval(), info

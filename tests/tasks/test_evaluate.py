@@ -1,0 +1,363 @@
+"""The evaluate stage end to end on fabricated artifacts: images -> a random nano tokenizer ->
+tokens -> a briefly trained generator -> samples, metrics, grid; determinism and the reference
+cache. Artifacts are written in each stage's layout and read by the stages' own loaders.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import tasks.evaluate.reference as reference
+import tasks.evaluate.stage as evaluate_stage
+from models.tokenizer import Tokenizer, TokenizerConfig
+from tasks.caption.backends import caption_id
+from tasks.config import EvaluateConfig, RuntimeConfig, SamplingConfig, TrainConfig, TrainGeneratorConfig
+from tasks.embed_text.cache import embeddings_table
+from tasks.embed_text.encoders import EncodedBatch
+from tasks.embed_text.read import load_text_embeddings
+from tasks.evaluate.stage import STAGE, run_evaluate
+from tasks.ingest.tables import CLASSES_SCHEMA, IMAGES_SCHEMA
+from tasks.stage import StageContext
+from tasks.store import Manifest, Store, TableRecord
+from tasks.train_generator.stage import run_train_generator
+
+RES, CLASSES, TEXT_DIM, TEXT_TOKENS = 16, 3, 6, 4
+NAMES = ["shirt", "shoe", "bag"]
+TEMPLATES = ["a photo of a {}", "a picture of a {}"]
+
+
+def commit(store: Store, stage: str, tables: dict[str, pa.Table], files: dict[str, bytes] | None = None) -> Manifest:
+    out = Path(tempfile.mkdtemp(dir=store.root / "work"))
+    records = {}
+    for name, table in tables.items():
+        (out / name).mkdir()
+        pq.write_table(table, out / name / "part-00000.parquet")
+        records[name] = TableRecord(glob=f"{name}/*.parquet", rows=table.num_rows, columns={})
+    for name, data in (files or {}).items():
+        (out / name).write_bytes(data)
+    return store.commit_artifact(stage, out, tables=records, config_hash=stage[0] * 64, cache_key=stage[0] * 64,
+                                 code_version="test", summary={})
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def class_image(label: int, rng: np.random.Generator) -> np.ndarray:
+    """A noisy image whose colour and stripe direction depend on the class."""
+    image = np.zeros((RES, RES, 3), np.float64)
+    image[..., label] = 0.7
+    stripes = (np.arange(RES) // 2 % 2)[:, None] if label % 2 else (np.arange(RES) // 2 % 2)[None, :]
+    image += 0.3 * stripes[..., None] + rng.normal(0, 0.08, image.shape)
+    return (image.clip(0, 1) * 255).astype(np.uint8)
+
+
+def ingest_artifact(store: Store, rows: int = 72) -> tuple[Manifest, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    labels = np.arange(rows) % CLASSES
+    images = np.stack([class_image(int(label), rng) for label in labels])
+    split = ["val" if i % 9 == 8 else "train" for i in range(rows)]
+    table = pa.table({
+        "image_id": [f"img-{i:03d}" for i in range(rows)], "split": split,
+        "label_id": pa.array(labels, pa.int32()), "label_name": [NAMES[label] for label in labels],
+        "source_caption": pa.nulls(rows, pa.string()), "source": [f"test#{i}" for i in range(rows)],
+        "orig_width": pa.array([RES] * rows, pa.int32()), "orig_height": pa.array([RES] * rows, pa.int32()),
+        "image": [png(image) for image in images],
+    }, schema=IMAGES_SCHEMA)
+    classes = pa.table({"label_id": pa.array(range(CLASSES), pa.int32()), "label_name": NAMES,
+                        "images": [rows // CLASSES] * CLASSES, "train": [0] * CLASSES, "val": [0] * CLASSES},
+                       schema=CLASSES_SCHEMA)
+    return commit(store, "ingest", {"images": table, "classes": classes}), images, labels
+
+
+def caption_artifacts(store: Store, labels: np.ndarray) -> tuple[Manifest, Manifest]:
+    """Captions (template 0 per image), the pool (every template per class) and their embeddings."""
+    captions = [TEMPLATES[0].format(NAMES[label]) for label in labels]
+    pool = [(label, TEMPLATES[t].format(NAMES[label])) for label in range(CLASSES) for t in range(len(TEMPLATES))]
+    caption_table = pa.table({
+        "image_id": [f"img-{i:03d}" for i in range(len(labels))], "split": ["train"] * len(labels),
+        "label_id": pa.array(labels, pa.int64()), "caption_id": [caption_id(c) for c in captions],
+        "caption": captions, "origin": ["label:0"] * len(labels),
+    })
+    pool_table = pa.table({
+        "label_id": pa.array([label for label, _ in pool], pa.int64()),
+        "label_name": [NAMES[label] for label, _ in pool], "caption_id": [caption_id(c) for _, c in pool],
+        "caption": [c for _, c in pool], "origin": ["label"] * len(pool),
+    })
+    caption = commit(store, "caption", {"captions": caption_table, "caption_pool": pool_table})
+    texts = sorted({c for _, c in pool})
+    rng = np.random.default_rng(2)
+    mask = np.arange(TEXT_TOKENS)[None] < rng.integers(2, TEXT_TOKENS + 1, (len(texts), 1))
+    batch = EncodedBatch(rng.normal(size=(len(texts), TEXT_TOKENS, TEXT_DIM)).astype(np.float32) * mask[..., None],
+                         mask, rng.normal(size=(len(texts), TEXT_DIM)).astype(np.float32))
+    embed = commit(store, "embed-text", {"embeddings": embeddings_table([caption_id(t) for t in texts], texts, batch,
+                                                                         "float32", "test")})
+    return caption, embed
+
+
+def tokenizer_artifact(store: Store, config: TokenizerConfig) -> tuple[Manifest, Tokenizer]:
+    """A train-tokenizer artifact holding a random tokenizer, in the layout its loader reads."""
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(config).eval()
+    path = Path(tempfile.mkdtemp()) / "w.safetensors"
+    save_file(tokenizer.state_dict(), str(path))
+    manifest = commit(store, "train-tokenizer", {}, {"tokenizer.safetensors": path.read_bytes(),
+                                                     "tokenizer.json": json.dumps({"config": asdict(config)}).encode()})
+    return manifest, tokenizer
+
+
+@torch.no_grad()
+def pretokenize(store: Store, tokenizer: Tokenizer, images: np.ndarray, labels: np.ndarray,
+                texts=None, captions: list[str] | None = None) -> Manifest:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    text = mask = None
+    if texts is not None:
+        text, mask = texts.lookup([caption_id(c) for c in captions])
+        text = text.float()
+    tokens, _, _ = tokenizer.encode(x, text, mask)
+    discrete = tokenizer.is_discrete
+    column = (pa.array(tokens.numpy().astype(np.uint16).tolist(), pa.list_(pa.uint16())) if discrete else
+              pa.array(tokens.numpy().astype(np.float16).tolist(), pa.list_(pa.list_(pa.float16()))))
+    rows = len(labels)
+    table = pa.table({
+        "image_id": [f"img-{i:03d}" for i in range(rows)],
+        "split": ["val" if i % 9 == 8 else "train" for i in range(rows)],
+        "label_id": pa.array(labels, pa.int32()),
+        "caption_id": [caption_id(c) for c in captions] if captions else pa.nulls(rows, pa.string()),
+        "tokens": column,
+    })
+    config = tokenizer.config
+    meta = {"discrete": discrete, "seq_len": config.num_latent_tokens,
+            "codebook_size": config.codebook_size if discrete else None,
+            "token_dim": config.token_dim, "uses_text": tokenizer.uses_text,
+            "num_classes": CLASSES, "class_names": NAMES}
+    if not discrete:
+        train = np.asarray(column.to_pylist(), np.float64)[np.array(table["split"].to_pylist()) == "train"]
+        meta.update(token_mean=train.reshape(-1, config.token_dim).mean(0).tolist(),
+                    token_std=train.reshape(-1, config.token_dim).std(0).tolist())
+    return commit(store, "pretokenize", {"tokens": table}, {"tokens.json": json.dumps(meta).encode()})
+
+
+def train_generator(store: Store, inputs: dict[str, Manifest], work: Path, **fields) -> Manifest:
+    train = TrainConfig(steps=6, batch_size=16, lr=3e-3, warmup_steps=1, checkpoint_every=100, log_every=1, ema_decay=0.5)
+    config = TrainGeneratorConfig(width=32, depth=1, heads=2, diffusion_steps=50, train=train, **fields)
+    ctx = StageContext("train-generator", config, inputs, store, RuntimeConfig(device="cpu"), "g" * 64, work)
+    output = run_train_generator(ctx)
+    return store.commit_artifact("train-generator", ctx.output_dir, tables={}, config_hash="g" * 64,
+                                 cache_key="g" * 64, code_version="t", summary=output.summary)
+
+
+def evaluate(store: Store, inputs: dict[str, Manifest], work: Path, **fields):
+    config = EvaluateConfig(**{"num_samples": 18, "batch_size": 12, "reference_images": 24, "grid_images": 6,
+                               "sampling": SamplingConfig(steps=4), **fields})
+    ctx = StageContext("evaluate", config, inputs, store, RuntimeConfig(device="cpu"), "e" * 64, work)
+    return run_evaluate(ctx), ctx.output_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One store with ingest, caption and embed-text artifacts, shared by the tests below."""
+    store = Store(tmp_path_factory.mktemp("evaluate") / "store")
+    ingest, images, labels = ingest_artifact(store)
+    caption, embed = caption_artifacts(store, labels)
+    return {"store": store, "ingest": ingest, "caption": caption, "embed-text": embed, "images": images,
+            "labels": labels}
+
+
+def read_samples(output: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted((output / "samples").glob("*.parquet"))])
+
+
+def test_stage_declaration():
+    assert STAGE.name == "evaluate"
+    assert STAGE.inputs == ("ingest", "caption", "embed-text", "train-tokenizer", "pretokenize", "train-generator")
+    assert {"tasks.evaluate", "models.inception", "models.metrics"} <= set(STAGE.code)
+
+
+def test_maskgit_metrics_determinism_and_reference_cache(tmp_path, world, monkeypatch):
+    store = world["store"]
+    config = TokenizerConfig(image_size=RES, patch_size=8, size="nano", num_latent_tokens=8, bottleneck="vq",
+                             codebook_size=16, token_dim=4)
+    tokenizer_manifest, tokenizer = tokenizer_artifact(store, config)
+    tokens = pretokenize(store, tokenizer, world["images"], world["labels"])
+    generator = train_generator(store, {"pretokenize": tokens}, tmp_path / "gen")
+    inputs = {name: world[name] for name in ("ingest", "caption", "embed-text")}
+    inputs.update({"train-tokenizer": tokenizer_manifest, "pretokenize": tokens, "train-generator": generator})
+
+    shutil.rmtree(store.root / "caches" / "reference-stats", ignore_errors=True)  # whatever ran before
+    computed = len(reference.COMPUTED)
+    first, out1 = evaluate(store, inputs, tmp_path / "e1")
+    assert len(reference.COMPUTED) == computed + 1
+    summary = first.summary
+    cache = store.root / "caches" / "reference-stats" / f"{summary['reference_key']}.npz"
+    stamp = cache.stat().st_mtime_ns
+
+    assert summary["num_samples"] == 18 and summary["reference_images"] == 24
+    assert summary["is_classifier"] == "dataset-linear-probe" and 0 < summary["is_probe_accuracy"] <= 1
+    assert math.isfinite(summary["gfid"]) and summary["gfid"] > 0
+    assert 1.0 <= summary["inception_score"] <= CLASSES and summary["inception_score_std"] >= 0
+    assert 0 <= summary["precision"] <= 1 and 0 <= summary["recall"] <= 1
+    assert "clip_score" not in summary and summary["samples_per_second"] > 0
+
+    samples = read_samples(out1)
+    assert first.tables["samples"].rows == samples.num_rows == 18
+    assert samples["sample_index"].to_pylist() == list(range(18))
+    assert samples["label_id"].to_pylist() == [i % CLASSES for i in range(18)]
+    assert samples["caption_id"].null_count == 18  # no text anywhere in this run
+    assert Image.open(io.BytesIO(samples["image"][0].as_py())).size == (RES, RES)
+    grid = Image.open(out1 / "samples.png")  # 3 class rows x 2 columns of 16px images, 2px padding
+    assert grid.size == (2 * (RES + 2) + 2, 3 * (RES + 2) + 2)
+
+    # The second run must come from the cache: computing reference features now fails the test.
+    monkeypatch.setattr(reference, "compute_reference", lambda *a, **k: pytest.fail("reference features recomputed"))
+    second, out2 = evaluate(store, inputs, tmp_path / "e2")
+    assert cache.stat().st_mtime_ns == stamp
+    drop = {"samples_per_second"}
+    assert {k: v for k, v in second.summary.items() if k not in drop} == {k: v for k, v in summary.items() if k not in drop}
+    assert (out1 / "samples.png").read_bytes() == (out2 / "samples.png").read_bytes()
+    assert read_samples(out2).equals(samples)
+
+    # A different seed gives different samples (so the equality above is not vacuous).
+    third, out3 = evaluate(store, inputs, tmp_path / "e3", seed=1, num_samples=4)
+    assert read_samples(out3)["image"].to_pylist() != samples["image"].to_pylist()[:4]
+
+
+def test_text_conditioned_dit_with_textok_tokenizer(tmp_path, world, monkeypatch):
+    store = world["store"]
+    config = TokenizerConfig(image_size=RES, patch_size=8, size="nano", num_latent_tokens=8, bottleneck="kl",
+                             token_dim=4, text_dim=TEXT_DIM, max_text_tokens=TEXT_TOKENS)
+    tokenizer_manifest, tokenizer = tokenizer_artifact(store, config)
+    texts = load_text_embeddings(world["embed-text"], store)
+    captions = [TEMPLATES[0].format(NAMES[label]) for label in world["labels"]]
+    tokens = pretokenize(store, tokenizer, world["images"], world["labels"], texts, captions)
+    generator = train_generator(store, {"pretokenize": tokens, "embed-text": world["embed-text"]}, tmp_path / "gen",
+                                conditioning="text")
+    inputs = {name: world[name] for name in ("ingest", "caption", "embed-text")}
+    inputs.update({"train-tokenizer": tokenizer_manifest, "pretokenize": tokens, "train-generator": generator})
+
+    scored: list[tuple[int, list[str]]] = []
+
+    def fake_clip(images, prompts, model_path, device=None):
+        assert model_path == "/models/clip" and len(images) == len(prompts)
+        scored.append((len(images), list(prompts)))
+        return 25.0
+
+    monkeypatch.setattr(evaluate_stage, "clip_score", fake_clip)
+    output, out = evaluate(store, inputs, tmp_path / "e", num_samples=12, clip_path="/models/clip",
+                           sampling=SamplingConfig(steps=4, guidance_scale=2.0))
+    summary = output.summary
+    assert summary["generator"] == "dit" and summary["text_conditioned"] and summary["clip_score"] == 25.0
+    samples = read_samples(out)
+    pool = {label: {caption_id(TEMPLATES[t].format(NAMES[label])) for t in range(len(TEMPLATES))}
+            for label in range(CLASSES)}
+    for label, cid in zip(samples["label_id"].to_pylist(), samples["caption_id"].to_pylist()):
+        assert cid in pool[label]  # each sample's caption comes from its class's pool
+    prompts = scored[0][1]
+    assert sum(n for n, _ in scored) == 12
+    assert [caption_id(p) for p in prompts] == samples["caption_id"].to_pylist()
+    assert len(set(prompts)) > CLASSES  # captions are drawn, not always the first of the pool
+    assert math.isfinite(summary["gfid"]) and 0 <= summary["precision"] <= 1
+
+
+def test_mismatched_tokens_are_rejected(tmp_path, world):
+    store = world["store"]
+    config = TokenizerConfig(image_size=RES, patch_size=8, size="nano", num_latent_tokens=8, bottleneck="vq",
+                             codebook_size=16, token_dim=4)
+    tokenizer_manifest, tokenizer = tokenizer_artifact(store, config)
+    tokens = pretokenize(store, tokenizer, world["images"], world["labels"])
+    other = pretokenize(store, tokenizer, world["images"][:-9], world["labels"][:-9])
+    generator = train_generator(store, {"pretokenize": tokens}, tmp_path / "gen")
+    inputs = {name: world[name] for name in ("ingest", "caption", "embed-text")}
+    inputs.update({"train-tokenizer": tokenizer_manifest, "pretokenize": other, "train-generator": generator})
+    with pytest.raises(ValueError, match="the generator was trained on tokens"):
+        evaluate(store, inputs, tmp_path / "e")
+
+
+@pytest.mark.parametrize("dim, n, m", [(16, 50, 40), (32, 12, 20)])
+def test_low_rank_frechet_distance_equals_clean_fid(dim, n, m):
+    from models.metrics import feature_statistics, fid_from_statistics
+    from tasks.evaluate.stage import low_rank_frechet_distance
+
+    rng = np.random.default_rng(dim)
+    real = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim))
+    fake = rng.normal(size=(m, dim)) @ rng.normal(size=(dim, dim)) * 0.8 + 0.5
+    mu_r, sigma_r = feature_statistics(real)
+    expected = fid_from_statistics(mu_r, sigma_r, *feature_statistics(fake))
+    assert low_rank_frechet_distance(real, fake) == pytest.approx(expected, rel=1e-6)
+    assert low_rank_frechet_distance(real.astype(np.float32), fake, mu_r, sigma_r) == pytest.approx(expected, rel=1e-5)
+
+
+def test_sweep_table_view_and_plot(tmp_path, monkeypatch):
+    """The sweep flow's bookkeeping, with the pipeline replaced by fabricated stage results (the
+    real stages are covered above; a full sweep trains 2 x 3 tokenizers: too slow for a unit test)."""
+    import argparse
+
+    import duckdb
+
+    import flows.sweep as sweep_flow
+    from tasks.stage import StageResult
+    from tasks.store import Manifest
+
+    presets = []
+    for name, text in (("plain", "false"), ("texty", "true")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"extends: smoke\ntrain_tokenizer:\n  use_text: {text}\n")
+        presets.append(str(path))
+    seen = []
+
+    def fake_pipeline(config, store, *, preset, flow, until=None):
+        n, text = config.train_tokenizer.model.num_latent_tokens, config.train_tokenizer.use_text
+        seen.append((Path(preset).stem, n, config.train_tokenizer.train.steps, flow, until))
+        if n == 64 and text:
+            raise RuntimeError("out of memory")
+
+        def result(stage, summary, hit=False):
+            manifest = Manifest(stage=stage, artifact_id=f"{stage}-{n}-{text}", root="x", files=[], config_hash="c",
+                                cache_key="k", code_version="v", summary=summary, created_at="now")
+            return StageResult(manifest, hit, "")
+
+        return {"ingest": result("ingest", {}, hit=len(seen) > 1),
+                "train-tokenizer": result("train-tokenizer", {"rfid": 100 / n - text, "psnr": 10 + n / 8 + text}),
+                "evaluate": result("evaluate", {"gfid": 200 / n - 2 * text, "generator": "maskgit", "precision": 0.5})}
+
+    monkeypatch.setattr(sweep_flow, "run_pipeline", fake_pipeline)
+    store = tmp_path / "store"
+    with pytest.raises(RuntimeError, match=r"1 of 4 points failed .*texty.yaml@64: RuntimeError: out of memory"):
+        sweep_flow.sweep.fn(presets, [16, 64], str(store), ["train_tokenizer.train.steps=7"])
+    assert seen == [(name, n, 7, "sweep", "evaluate") for name in ("plain", "texty") for n in (16, 64)]
+
+    files = sorted((store / "sweeps").glob("*.parquet"))
+    assert len(files) == 1 and files[0].with_suffix(".png").is_file()
+    connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
+    rows = connection.execute(
+        "select preset, num_tokens, use_text, rfid, gfid, psnr, status, computed_stages from sweep_results "
+        "order by use_text, num_tokens").fetchall()
+    connection.close()
+    assert [(Path(r[0]).stem, *r[1:]) for r in rows] == [
+        ("plain", 16, False, 6.25, 12.5, 12.0, "completed", 3),
+        ("plain", 64, False, 100 / 64, 200 / 64, 18.0, "completed", 2),
+        ("texty", 16, True, 5.25, 10.5, 13.0, "completed", 2),
+        ("texty", 64, True, None, None, None, "failed", 0),
+    ]
+
+    monkeypatch.setattr(sweep_flow, "sweep", lambda **kwargs: pytest.fail("a bad grid must fail before running"))
+    bad = argparse.Namespace(presets="smoke", tokens="16,many", store=str(store), overrides=[])
+    assert sweep_flow.run_sweep_cli(bad) == 2
+    bad.tokens, bad.overrides = "16", ["train_tokenizer.model.colour=red"]
+    assert sweep_flow.run_sweep_cli(bad) == 2

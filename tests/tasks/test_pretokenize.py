@@ -1,0 +1,239 @@
+"""The pretokenize stage: token tables (VQ ids, KL float16), DuckDB, readers, resume, decode check."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import tasks.pretokenize.stage as pretokenize_stage
+from tasks.config import PretokenizeConfig, RuntimeConfig
+from tasks.ingest.read import image_table
+from tasks.pretokenize.read import iter_token_batches, load_token_table, token_meta
+from tasks.pretokenize.stage import STAGE, run_pretokenize
+from tasks.stage import StageContext
+from tasks.train_tokenizer.data import TextSource, decode_images
+from tasks.train_tokenizer.load import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train_tokenizer import IMAGES, REPO, build_inputs, tiny_config, train_and_commit  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Inputs plus a VQ tokenizer and a text-conditioned KL tokenizer (a few steps each)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pretokenize")
+    store, manifests = build_inputs(root)
+    # Enough steps at full weight (no EMA lag) that reconstructions depend on the tokens.
+    short = {"train": {"steps": 20, "checkpoint_every": 20, "ema_decay": 0.0}, "eval_images": 2, "grid_images": 2}
+    # Dead-code restarts keep 20 steps from collapsing every token onto one code.
+    _, vq = train_and_commit(store, manifests, tiny_config("vq", model={"dead_code_restart_steps": 2}, **short), root / "vq")
+    _, kl = train_and_commit(store, manifests, tiny_config("kl", use_text=True, **short), root / "kl")
+    return store, manifests, vq, kl
+
+
+def context(store, manifests, tokenizer, work: Path, **config) -> StageContext:
+    values = {"batch_size": 8, "shard_rows": 12, "decode_check_images": 6, **config}
+    return StageContext(
+        stage="pretokenize", config=PretokenizeConfig(**values),
+        inputs={**manifests, "train-tokenizer": tokenizer}, store=store,
+        runtime=RuntimeConfig(device="cpu"), cache_key="k" * 64, work_dir=work,
+    )
+
+
+def commit(store, ctx, output):
+    return store.commit_artifact(
+        "pretokenize", ctx.output_dir, tables=output.tables, config_hash="h" * 64, cache_key="k" * 64,
+        code_version="test", summary=output.summary,
+    )
+
+
+def test_stage_declaration():
+    assert STAGE.name == "pretokenize"
+    assert STAGE.inputs == ("ingest", "caption", "embed-text", "train-tokenizer")
+    assert {"tasks.pretokenize", "models.tokenizer", "models.quantizers"} <= set(STAGE.code)
+
+
+def test_vq_tokens_table(tmp_path, trained):
+    store, manifests, vq, _ = trained
+    ctx = context(store, manifests, vq, tmp_path / "work")
+    output = run_pretokenize(ctx)
+    manifest = commit(store, ctx, output)
+    images = image_table(manifests["ingest"], store, columns=["image_id", "split", "label_id"])
+    summary = output.summary
+    assert summary["rows"] == output.tables["tokens"].rows == IMAGES
+    assert summary["rows_train"] + summary["rows_val"] == IMAGES and summary["skipped_no_caption"] == 0
+    assert summary["decode_check_images"] == 6 and summary["decode_check_max_abs_diff"] < 1e-4
+    assert summary["decode_check_token_mismatch"] == 0
+    # Two ingest shards of 32 rows, parts of 12 rows: 3 parts each.
+    assert sorted(f.path for f in manifest.files if f.path.startswith("tokens/")) == [
+        f"tokens/part-0000{s}-000{k}.parquet" for s in range(2) for k in range(3)
+    ]
+
+    glob = manifest.table_glob(store, "tokens")
+    stored_type = pq.read_schema(manifest.table_files(store, "tokens")[0]).field("tokens").type
+    assert pa.types.is_list(stored_type) and stored_type.value_type == pa.uint16()
+    count, length, distinct = duckdb.sql(f"select count(*), avg(len(tokens)), count(distinct image_id) from '{glob}'").fetchall()[0]
+    assert (count, length, distinct) == (IMAGES, 8, IMAGES)
+    by_split = dict(duckdb.sql(f"select split, count(*) from '{glob}' group by split").fetchall())
+    assert by_split == {s: images.column("split").to_pylist().count(s) for s in ("train", "val")}
+
+    meta = token_meta(manifest, store)
+    assert meta["discrete"] and meta["seq_len"] == 8 and meta["codebook_size"] == 64 and not meta["uses_text"]
+    assert meta["num_classes"] == 10 and meta["class_names"][0] == "T-shirt/top"
+    assert meta["tokenizer_artifact"] == vq.artifact_id and meta["rows"] == by_split
+
+    table = load_token_table(manifest, store)
+    assert table.tokens.dtype == np.int64 and table.tokens.shape == (IMAGES, 8)
+    assert table.tokens.min() >= 0 and table.tokens.max() < 64
+    assert sorted(table.image_ids) == sorted(images.column("image_id").to_pylist())
+    labels = dict(zip(images.column("image_id").to_pylist(), images.column("label_id").to_pylist()))
+    assert [labels[i] for i in table.image_ids] == table.labels.tolist()
+    assert all(c is not None for c in table.caption_ids)  # the caption stage captioned every image
+    val = load_token_table(manifest, store, split="val")
+    assert len(val) == by_split["val"]
+    batches = list(iter_token_batches(manifest, store, batch_size=10))
+    assert sum(len(b) for b in batches) == IMAGES
+    assert np.array_equal(np.concatenate([b.tokens for b in batches]), table.tokens)
+
+    # The stored ids are the tokenizer's encoding of each image.
+    model, _ = load_tokenizer(vq, store)
+    first = images.column("image_id").to_pylist()[:5]
+    pngs = image_table(manifests["ingest"], store, columns=["image_id", "image"]).column("image").to_pylist()[:5]
+    with torch.no_grad():
+        fresh, _, _ = model.encode(decode_images(pngs))
+    rows = [table.image_ids.index(i) for i in first]
+    assert np.array_equal(table.tokens[rows], fresh.numpy())
+
+
+def test_kl_text_tokens_are_float16_means(tmp_path, trained):
+    store, manifests, _, kl = trained
+    ctx = context(store, manifests, kl, tmp_path / "work")
+    output = run_pretokenize(ctx)
+    manifest = commit(store, ctx, output)
+    assert output.summary["decode_check_max_abs_diff"] < 0.02
+    assert output.summary["decode_check_token_rel_diff"] < 1e-3
+    assert output.tables["tokens"].columns["tokens"] == "list<item: list<item: halffloat>>"
+    glob = manifest.table_glob(store, "tokens")
+    count, length, width = duckdb.sql(f"select count(*), avg(len(tokens)), avg(len(tokens[1])) from '{glob}'").fetchall()[0]
+    assert (count, length, width) == (IMAGES, 8, 8)
+    meta = token_meta(manifest, store)
+    assert not meta["discrete"] and meta["uses_text"] and meta["text"]["dim"] == 384
+    assert len(meta["token_mean"]) == len(meta["token_std"]) == 8 and min(meta["token_std"]) > 0
+    table = load_token_table(manifest, store)
+    assert table.tokens.dtype == np.float32 and table.tokens.shape == (IMAGES, 8, 8)
+
+    # Eval-mode encoding is the deterministic KL mean: the table equals a fresh encode (to float16).
+    model, _ = load_tokenizer(kl, store)
+    text = TextSource(manifests["caption"], manifests["embed-text"], store)
+    images = image_table(manifests["ingest"], store, columns=["image_id", "image"])
+    ids = images.column("image_id").to_pylist()[:4]
+    tokens, mask = text.lookup(ids)
+    with torch.no_grad():
+        fresh, _, _ = model.encode(decode_images(images.column("image").to_pylist()[:4]), tokens, mask)
+    rows = [table.image_ids.index(i) for i in ids]
+    np.testing.assert_array_equal(table.tokens[rows], fresh.numpy().astype(np.float16).astype(np.float32))
+    assert table.caption_ids[rows[0]] == text.caption_of[ids[0]]
+
+
+def test_decode_check_fails_on_wrong_tokens(tmp_path, trained, monkeypatch):
+    store, manifests, vq, _ = trained
+    right = pretokenize_stage.tokens_array
+    # A bug that stores each image's ids rolled by one position must not pass unnoticed.
+    monkeypatch.setattr(pretokenize_stage, "tokens_array", lambda tokens, discrete: right(tokens.roll(1, dims=1), discrete))
+    with pytest.raises(RuntimeError, match="decoding the stored tokens differs") as failure:
+        run_pretokenize(context(store, manifests, vq, tmp_path / "work"))
+    assert "100.0% of the stored ids differ" in str(failure.value)
+    assert not (tmp_path / "work" / "output" / "tokens.json").exists()
+
+
+def test_decode_check_names_each_problem():
+    pretokenize_stage.check_decoded({"decode_check_max_abs_diff": 0.001, "decode_check_token_mismatch": 0.0})
+    pretokenize_stage.check_decoded({"decode_check_max_abs_diff": 0.001, "decode_check_token_rel_diff": 4e-4})
+    with pytest.raises(RuntimeError, match="relative"):
+        pretokenize_stage.check_decoded({"decode_check_max_abs_diff": 0.001, "decode_check_token_rel_diff": 0.1})
+    with pytest.raises(RuntimeError, match="decoded pixels differ by up to 0.1000"):
+        pretokenize_stage.check_decoded({"decode_check_max_abs_diff": 0.1, "decode_check_token_mismatch": 0.0})
+
+
+KILL_SCRIPT = """
+import sys, time, json, torch
+torch.set_num_threads(1)
+from pathlib import Path
+import tasks.pretokenize.stage as stage
+from tasks.config import PretokenizeConfig, RuntimeConfig
+from tasks.stage import StageContext
+from tasks.store import Manifest, Store
+
+encode = stage.Encoder.encode
+def slow_encode(self, images, image_ids):  # slow batches leave time to kill mid-run
+    time.sleep(0.4)
+    return encode(self, images, image_ids)
+stage.Encoder.encode = slow_encode
+store_root, inputs_path, work = sys.argv[1:]
+inputs = {k: Manifest.model_validate(v) for k, v in json.loads(Path(inputs_path).read_text()).items()}
+config = PretokenizeConfig(batch_size=8, shard_rows=12, decode_check_images=6)
+ctx = StageContext("pretokenize", config, inputs, Store(store_root), RuntimeConfig(device="cpu"), "k" * 64, Path(work))
+stage.run_pretokenize(ctx)
+"""
+
+
+def test_kill_then_resume_writes_every_row_once(tmp_path, trained):
+    store, manifests, vq, _ = trained
+    inputs = {**manifests, "train-tokenizer": vq}
+    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+    (tmp_path / "inputs.json").write_text(json.dumps({k: m.model_dump(mode="json") for k, m in inputs.items()}))
+    work = tmp_path / "killed"
+    parts = work / "output" / "tokens"
+    log = open(tmp_path / "kill.log", "wb")
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "kill.py"), str(store.root), str(tmp_path / "inputs.json"), str(work)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(parts.glob("part-*.parquet"))) < 2:
+            assert child.poll() is None, (tmp_path / "kill.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no token part within 120 s"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    written = sorted(p.name for p in parts.glob("part-*.parquet"))
+    assert 2 <= len(written) < 6, written  # killed in the middle
+
+    ctx = context(store, manifests, vq, work)
+    output = run_pretokenize(ctx)
+    assert output.summary["rows"] == IMAGES
+    glob = str(parts / "*.parquet")
+    assert duckdb.sql(f"select count(*), count(distinct image_id) from '{glob}'").fetchall()[0] == (IMAGES, IMAGES)
+
+    straight = context(store, manifests, vq, tmp_path / "straight")
+    run_pretokenize(straight)
+    names = sorted(p.name for p in parts.glob("*.parquet"))
+    assert names == sorted(p.name for p in (straight.output_dir / "tokens").glob("*.parquet"))
+    for name in names:
+        resumed = pq.read_table(parts / name)
+        assert resumed.equals(pq.read_table(straight.output_dir / "tokens" / name)), name
+    assert (work / "output" / "tokens.json").read_text() == (straight.output_dir / "tokens.json").read_text()
+
+
+def test_bad_settings_are_named(tmp_path, trained):
+    store, manifests, vq, _ = trained
+    with pytest.raises(ValueError, match="pretokenize.batch_size"):
+        run_pretokenize(context(store, manifests, vq, tmp_path / "a", batch_size=0))
+    with pytest.raises(ValueError, match="expected a train-tokenizer artifact"):
+        run_pretokenize(context(store, manifests, manifests["ingest"], tmp_path / "b"))

@@ -1,0 +1,271 @@
+"""The train-generator stage on fabricated token tables: MaskGIT, DiT (class and text), exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tasks.config import RuntimeConfig, SamplingConfig, TrainConfig, TrainGeneratorConfig
+from tasks.embed_text.cache import embeddings_table
+from tasks.embed_text.encoders import EncodedBatch
+from tasks.evaluate.sampling import sample_tokens
+from tasks.stage import StageContext
+from tasks.store import Manifest, Store, TableRecord, write_json
+from tasks.train_generator.load import load_generator
+from tasks.train_generator.stage import STAGE, run_train_generator
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ_LEN, CODEBOOK, TOKEN_DIM, CLASSES = 8, 16, 4, 3
+
+
+def commit(store: Store, stage: str, out: Path, tables: dict[str, pa.Table]) -> Manifest:
+    records = {}
+    for name, table in tables.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        # Two shards, so the epoch order really spans shards.
+        half = table.num_rows // 2
+        pq.write_table(table.slice(0, half), out / name / "part-00000.parquet")
+        pq.write_table(table.slice(half), out / name / "part-00001.parquet")
+        records[name] = TableRecord(glob=f"{name}/*.parquet", rows=table.num_rows, columns={})
+    return store.commit_artifact(stage, out, tables=records, config_hash=stage[0] * 64, cache_key=stage[0] * 64,
+                                 code_version="test", summary={})
+
+
+def token_artifact(store: Store, discrete: bool, rows: int = 64, seed: int = 0) -> Manifest:
+    """A pretokenize artifact: train tokens that depend on the label; every 8th row is "val" and
+    holds values no training may see (an out-of-codebook id, or 1e4 for continuous tokens)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(rows) % CLASSES
+    split = np.where(np.arange(rows) % 8 == 7, "val", "train")
+    if discrete:
+        values = (labels[:, None] * 5 + rng.integers(0, 2, (rows, SEQ_LEN))) % CODEBOOK
+        values[split == "val"] = CODEBOOK  # not a codebook id: MaskGIT rejects it
+        tokens = pa.array(values.tolist(), pa.list_(pa.uint16()))
+    else:
+        # Channels with their own offsets, so the pooled std differs from any per-channel one.
+        values = rng.normal(size=(rows, SEQ_LEN, TOKEN_DIM)) * 3 + labels[:, None, None] + 2 * np.arange(TOKEN_DIM)
+        values[split == "val"] = 1e4
+        tokens = pa.array(values.astype(np.float16).tolist(), pa.list_(pa.list_(pa.float16())))
+    table = pa.table({
+        "image_id": [f"img-{i}" for i in range(rows)],
+        "split": split.tolist(),
+        "label_id": pa.array(labels, pa.int32()),
+        "caption_id": [f"cap-{label}-{i % 2}" for i, label in enumerate(labels)],
+        "tokens": tokens,
+    })
+    meta = {"discrete": discrete, "seq_len": SEQ_LEN, "codebook_size": CODEBOOK if discrete else None,
+            "token_dim": TOKEN_DIM, "uses_text": False, "num_classes": CLASSES,
+            "class_names": [f"class {k}" for k in range(CLASSES)]}
+    if not discrete:  # pretokenize's per-channel statistics of the train tokens
+        train = values[split == "train"].astype(np.float16).astype(np.float64).reshape(-1, TOKEN_DIM)
+        meta.update(token_mean=train.mean(0).tolist(), token_std=train.std(0).tolist())
+    out = Path(tempfile.mkdtemp(dir=store.root / "work"))
+    write_json(out / "tokens.json", meta)
+    return commit(store, "pretokenize", out, {"tokens": table})
+
+
+def text_artifact(store: Store, dim: int = 6, max_tokens: int = 5) -> Manifest:
+    """An embed-text artifact holding every caption id the token tables use."""
+    ids = [f"cap-{label}-{i}" for label in range(CLASSES) for i in range(2)]
+    rng = np.random.default_rng(1)
+    mask = np.arange(max_tokens)[None] < rng.integers(1, max_tokens + 1, (len(ids), 1))
+    batch = EncodedBatch(rng.normal(size=(len(ids), max_tokens, dim)).astype(np.float32) * mask[..., None], mask,
+                         rng.normal(size=(len(ids), dim)).astype(np.float32))
+    out = Path(tempfile.mkdtemp(dir=store.root / "work"))
+    return commit(store, "embed-text", out, {"embeddings": embeddings_table(ids, ids, batch, "float32", "test")})
+
+
+def generator_config(steps: int = 6, **overrides) -> TrainGeneratorConfig:
+    train = dict(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=2, log_every=1, ema_decay=0.5)
+    train.update(overrides.pop("train", {}))
+    fields = dict(width=32, depth=1, heads=2, diffusion_steps=100, train=TrainConfig(**train))
+    fields.update(overrides)
+    return TrainGeneratorConfig(**fields)
+
+
+def context(store: Store, config: TrainGeneratorConfig, inputs: dict[str, Manifest], work: Path,
+            threads: int | None = None) -> StageContext:
+    return StageContext("train-generator", config, inputs, store, RuntimeConfig(device="cpu", threads=threads),
+                        "k" * 64, work)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stage_declaration():
+    assert STAGE.name == "train-generator"
+    assert STAGE.inputs == ("caption", "embed-text", "pretokenize")
+    assert {"tasks.train_generator", "tasks.training", "models.maskgit", "models.dit", "models.ema"} <= set(STAGE.code)
+
+
+def test_maskgit_learns_the_train_tokens_only(tmp_path, store):
+    tokens = token_artifact(store, discrete=True)
+    ctx = context(store, generator_config(steps=40), {"pretokenize": tokens}, tmp_path / "w")
+    output = run_train_generator(ctx)
+
+    summary = output.summary
+    assert summary["kind"] == "maskgit" and summary["steps"] == 40 and summary["train_rows"] == 56
+    history = [json.loads(line) for line in (ctx.output_dir / "losses.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 41))
+    first, last = np.mean([h["loss"] for h in history[:5]]), np.mean([h["loss"] for h in history[-5:]])
+    assert last < first - 0.3, (first, last)  # tokens follow the label: a small model learns them
+    assert summary["final_loss"] == pytest.approx(history[-1]["loss"])
+    assert {p.name for p in ctx.output_dir.iterdir()} == {
+        "generator.safetensors", "generator-raw.safetensors", "generator.json", "losses.jsonl", "losses.png"}
+
+    artifact = store.commit_artifact("train-generator", ctx.output_dir, tables={}, config_hash="g" * 64,
+                                     cache_key="g" * 64, code_version="t", summary=summary)
+    ema_gen, info = load_generator(artifact, store)
+    raw_gen, _ = load_generator(artifact, store, ema=False)
+    assert info["tokens_artifact"] == tokens.artifact_id and info["model"]["vocab_size"] == CODEBOOK
+    assert not torch.equal(ema_gen.model.head.weight, raw_gen.model.head.weight)  # EMA is its own copy
+    rng = torch.Generator().manual_seed(0)
+    ids = sample_tokens(raw_gen, torch.arange(6) % CLASSES, SamplingConfig(steps=4, guidance_scale=1.0), rng)
+    assert ids.shape == (6, SEQ_LEN) and int(ids.max()) < CODEBOOK
+    # Class k's tokens are 5k or 5k+1: the trained model should mostly produce those.
+    expected = (torch.arange(6) % CLASSES)[:, None] * 5
+    assert ((ids == expected) | (ids == expected + 1)).float().mean() > 0.5
+
+
+def test_dit_uses_the_train_token_scale(tmp_path, store):
+    tokens = token_artifact(store, discrete=False)
+    ctx = context(store, generator_config(steps=4), {"pretokenize": tokens}, tmp_path / "w")
+    output = run_train_generator(ctx)
+
+    table = pq.read_table([str(p) for p in tokens.table_files(store, "tokens")])
+    train = np.array([row for row, split in zip(table["tokens"].to_pylist(), table["split"].to_pylist())
+                      if split == "train"], np.float64)
+    assert output.summary["kind"] == "dit"
+    # One scale for every value, combined from pretokenize's per-channel statistics.
+    assert output.summary["token_scale"] == pytest.approx(train.std(), rel=1e-6)
+    artifact = store.commit_artifact("train-generator", ctx.output_dir, tables={}, config_hash="g" * 64,
+                                     cache_key="g" * 64, code_version="t", summary=output.summary)
+    generator, info = load_generator(artifact, store)
+    assert info["scale"] == output.summary["token_scale"] and info["diffusion"] == {"steps": 100, "learn_sigma": True}
+    sampling = SamplingConfig(steps=5, guidance_scale=2.0)
+    labels = torch.arange(4) % CLASSES
+    a = sample_tokens(generator, labels, sampling, torch.Generator().manual_seed(3))
+    b = sample_tokens(generator, labels, sampling, torch.Generator().manual_seed(3))
+    assert a.shape == (4, SEQ_LEN, TOKEN_DIM) and torch.equal(a, b)
+
+
+def test_text_conditioned_dit_and_clear_errors(tmp_path, store):
+    continuous, discrete, texts = token_artifact(store, False), token_artifact(store, True), text_artifact(store)
+    ctx = context(store, generator_config(steps=2, conditioning="text"),
+                  {"pretokenize": continuous, "embed-text": texts}, tmp_path / "text")
+    output = run_train_generator(ctx)
+    info = json.loads((ctx.output_dir / "generator.json").read_text())
+    assert output.summary["conditioning"] == "text"
+    assert info["model"]["text_dim"] == 6 and info["model"]["num_classes"] == 0 and info["text"]["max_tokens"] == 5
+
+    with pytest.raises(ValueError, match="MaskGIT supports only class conditioning"):
+        run_train_generator(context(store, generator_config(conditioning="text"),
+                                    {"pretokenize": discrete, "embed-text": texts}, tmp_path / "a"))
+    with pytest.raises(ValueError, match="kind=dit needs continuous"):
+        run_train_generator(context(store, generator_config(kind="dit"), {"pretokenize": discrete}, tmp_path / "b"))
+    with pytest.raises(ValueError, match="kind=maskgit needs discrete"):
+        run_train_generator(context(store, generator_config(kind="maskgit"), {"pretokenize": continuous}, tmp_path / "c"))
+    with pytest.raises(ValueError, match="batch size 100 is larger than the table"):
+        run_train_generator(context(store, generator_config(train={"batch_size": 100}), {"pretokenize": discrete},
+                                    tmp_path / "d"))
+
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    import torch
+    from tasks.config import RuntimeConfig, TrainGeneratorConfig
+    from tasks.stage import StageContext
+    from tasks.store import Manifest, Store
+    import tasks.train_generator.worker as worker
+    from tasks.train_generator.stage import run_train_generator
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    original = worker.train
+
+    def slow_train(run):
+        # Slow after the first checkpoint, so the parent's SIGKILL lands mid-training.
+        step_fn = run.step_fn
+        def slowed(rows, step):
+            if step >= 2:
+                time.sleep(0.4)
+            return step_fn(rows, step)
+        run.step_fn = slowed
+        return original(run)
+
+    worker.train = slow_train
+    ctx = StageContext("train-generator", TrainGeneratorConfig.model_validate(spec["config"]),
+                       {"pretokenize": Manifest.model_validate(spec["manifest"])}, Store(spec["store"]),
+                       RuntimeConfig(device="cpu", threads=1), "k" * 64, Path(spec["work"]))
+    run_train_generator(ctx)
+""")
+
+
+@pytest.mark.parametrize("discrete", [True, False], ids=["maskgit", "dit"])
+def test_resume_after_sigkill_gives_the_uninterrupted_weights(tmp_path, store, discrete):
+    tokens = token_artifact(store, discrete=discrete)
+    config = generator_config(steps=8)
+    killed_work = tmp_path / "killed"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"config": config.model_dump(mode="json"), "manifest": tokens.model_dump(mode="json"),
+                                "store": str(store.root), "work": str(killed_work)}))
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(tmp_path / "child.log", "w") as log:
+        child = subprocess.Popen([sys.executable, str(script), str(spec)], cwd=REPO, env=env, stdout=log, stderr=log)
+        latest = killed_work / "checkpoints" / "latest"
+        deadline = time.monotonic() + 90
+        while not latest.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, (tmp_path / "child.log").read_text()[-2000:]
+    assert not (killed_work / "output" / "generator.safetensors").exists()  # it really died mid-run
+
+    resumed = run_train_generator(context(store, config, {"pretokenize": tokens}, killed_work, threads=1))
+    plain_ctx = context(store, config, {"pretokenize": tokens}, tmp_path / "plain", threads=1)
+    plain = run_train_generator(plain_ctx)
+
+    assert resumed.summary["resumed_from"] >= 2 and plain.summary["resumed_from"] == 0
+    for name in ("generator.safetensors", "generator-raw.safetensors", "losses.jsonl"):
+        assert (killed_work / "output" / name).read_bytes() == (plain_ctx.output_dir / name).read_bytes(), name
+    assert resumed.summary["final_loss"] == plain.summary["final_loss"]
+    assert math.isfinite(plain.summary["final_loss"])
+
+
+def test_two_processes_through_torchrun(tmp_path, store):
+    """runtime.processes=2 launches torchrun (gloo on CPU); each process takes half of every batch."""
+    tokens = token_artifact(store, discrete=True)
+    ctx = StageContext("train-generator", generator_config(steps=3), {"pretokenize": tokens}, store,
+                       RuntimeConfig(device="cpu", processes=2, threads=1), "k" * 64, tmp_path / "w")
+    output = run_train_generator(ctx)
+    assert output.summary["processes"] == 2 and output.summary["steps"] == 3
+    assert math.isfinite(output.summary["final_loss"])
+    assert (ctx.output_dir / "generator.safetensors").is_file()
+    with pytest.raises(ValueError, match="must be divisible by the 3 training processes"):
+        run_train_generator(StageContext("train-generator", generator_config(), {"pretokenize": tokens}, store,
+                                         RuntimeConfig(device="cpu", processes=3), "k" * 64, tmp_path / "x"))

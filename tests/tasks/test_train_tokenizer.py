@@ -1,0 +1,284 @@
+"""The train-tokenizer stage: VQ and KL (+text) training, outputs, exact resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tasks.config import CaptionConfig, EmbedTextConfig, IngestConfig, RuntimeConfig, SourceConfig, TrainTokenizerConfig
+from tasks.stage import StageContext, execute_stage
+from tasks.store import Manifest, Store
+from tasks.train_tokenizer.data import BatchLoader, TextSource, TrainImages
+from tasks.train_tokenizer.load import load_tokenizer
+from tasks.train_tokenizer.reconstruction import frechet_distance
+from tasks.train_tokenizer.stage import STAGE, run_train_tokenizer
+from models.metrics import feature_statistics, fid_from_statistics
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = 64  # Fashion-MNIST images at 16x16: 2 ingest shards, ~48 train / ~16 val
+
+
+def build_inputs(root: Path, embed_backend: str = "sentence-transformers") -> tuple[Store, dict[str, Manifest]]:
+    """Real ingest, caption (label templates) and embed-text outputs for a tiny Fashion-MNIST."""
+    store = Store(root / "store")
+    ingest = execute_stage(
+        "ingest",
+        IngestConfig(source=SourceConfig(kind="fashion-mnist", max_images=IMAGES), resolution=16, shard_rows=32, val_fraction=0.25),
+        {},
+        store,
+    ).manifest
+    caption = execute_stage("caption", CaptionConfig(backend="label"), {"ingest": ingest}, store).manifest
+    embed = execute_stage("embed-text", EmbedTextConfig(backend=embed_backend, max_tokens=8), {"caption": caption}, store).manifest
+    return store, {"ingest": ingest, "caption": caption, "embed-text": embed}
+
+
+def tiny_config(bottleneck: str = "vq", **overrides) -> TrainTokenizerConfig:
+    """A nano tokenizer on 16x16 images: 8 tokens, a 64-code book, a few steps."""
+    raw = {
+        "model": {"size": "nano", "patch_size": 4, "num_latent_tokens": 8, "bottleneck": bottleneck,
+                  "codebook_size": 64, "token_dim": 8},
+        "loss": {"gan_weight": 0.1, "discriminator_layers": 2, "discriminator_width": 16, "perceptual_resize": 75},
+        "train": {"steps": 6, "batch_size": 8, "checkpoint_every": 3, "log_every": 1, "warmup_steps": 2,
+                  "ema_decay": 0.5, "lr": 1e-3},
+        "perceptual": "none",
+        "eval_images": 6,
+        "eval_batch_size": 4,
+        "grid_images": 4,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return TrainTokenizerConfig.model_validate(raw)
+
+
+def context(store: Store, inputs: dict[str, Manifest], config: TrainTokenizerConfig, work: Path,
+            runtime: RuntimeConfig | None = None) -> StageContext:
+    return StageContext(
+        stage="train-tokenizer", config=config, inputs=inputs, store=store,
+        runtime=runtime or RuntimeConfig(device="cpu"), cache_key="k" * 64, work_dir=work,
+    )
+
+
+def train_and_commit(store, inputs, config, work, runtime=None):
+    """Run the stage and commit its output like execute_stage does; returns (output, manifest)."""
+    ctx = context(store, inputs, config, work, runtime)
+    output = run_train_tokenizer(ctx)
+    manifest = store.commit_artifact(
+        "train-tokenizer", ctx.output_dir, tables=output.tables, config_hash=config.digest(),
+        cache_key="k" * 64, code_version="test", summary=output.summary,
+    )
+    return output, manifest
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def test_stage_declaration():
+    assert STAGE.name == "train-tokenizer"
+    assert STAGE.inputs == ("ingest", "caption", "embed-text")
+    assert {"tasks.train_tokenizer", "tasks.training", "models.tokenizer", "models.quantizers"} <= set(STAGE.code)
+
+
+def test_vq_training_writes_the_artifact(tmp_path, inputs):
+    store, manifests = inputs
+    output, manifest = train_and_commit(store, manifests, tiny_config("vq"), tmp_path / "work")
+    summary = output.summary
+    assert summary["steps"] == 6 and summary["resumed_from"] == 0 and summary["processes"] == 1
+    assert summary["eval_images"] == 6 and summary["eval_split"] == "val"
+    for key in ("psnr", "ssim", "rfid", "codebook_usage", "perplexity", "final_l2", "final_d_loss"):
+        assert np.isfinite(summary[key]), key
+    assert 0 < summary["codebook_usage"] <= 1 and 1 <= summary["perplexity"] <= 64
+    files = {f.path for f in manifest.files}
+    assert {"tokenizer.safetensors", "tokenizer-raw.safetensors", "tokenizer.json", "losses.png",
+            "reconstructions.png", "losses.jsonl", "reconstructions/part-00000.parquet"} <= files
+    assert summary["loss_plot"] in files and summary["reconstruction_grid"] in files
+    steps = [json.loads(line)["step"] for line in manifest.path(store, "losses.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert output.tables["reconstructions"].rows == 6
+
+    # Originals on top, reconstructions below: 4 cells of 16px upscaled to 64px, two rows.
+    grid = np.asarray(Image.open(manifest.path(store, "reconstructions.png")))
+    assert grid.shape[1] == 4 * 64 + 5 * 2 and grid.shape[0] > 2 * 64
+
+    model, info = load_tokenizer(manifest, store)
+    assert not model.training and info["discrete"] and info["seq_len"] == 8 and info["codebook_size"] == 64
+    assert info["text"] == {"uses_text": False} and info["config"]["image_size"] == 16
+    ema = load_file(manifest.path(store, "tokenizer.safetensors"))
+    raw = load_file(manifest.path(store, "tokenizer-raw.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+    assert not all(torch.equal(ema[k], raw[k]) for k in raw)  # EMA weights lag the raw ones
+    tokens, _, _ = model.encode(torch.rand(2, 3, 16, 16))
+    assert tokens.shape == (2, 8) and tokens.dtype == torch.long
+
+
+def test_kl_with_text_and_inception_perceptual(tmp_path, inputs):
+    store, manifests = inputs
+    config = tiny_config("kl", use_text=True, perceptual="inception", train={"steps": 3, "checkpoint_every": 3})
+    output, manifest = train_and_commit(store, manifests, config, tmp_path / "work")
+    assert np.isfinite(output.summary["final_perceptual"]) and output.summary["final_perceptual"] > 0
+    assert "codebook_usage" not in output.summary and np.isfinite(output.summary["final_kl"])
+    model, info = load_tokenizer(manifest, store)
+    text = info["text"]
+    assert text["uses_text"] and text["dim"] == 384 and text["max_tokens"] == 8
+    assert text["embed_text_artifact"] == manifests["embed-text"].artifact_id
+    assert model.uses_text and not info["discrete"]
+    source = TextSource(manifests["caption"], manifests["embed-text"], store)
+    image_ids = list(source.caption_of)[:2]
+    tokens, mask = source.lookup(image_ids)
+    latents, _, _ = model.encode(torch.rand(2, 3, 16, 16), tokens, mask)
+    assert latents.shape == (2, 8, 8)
+    with pytest.raises(ValueError, match="needs text"):
+        model.encode(torch.rand(2, 3, 16, 16))
+
+
+def test_training_lowers_the_reconstruction_loss(tmp_path, inputs):
+    store, manifests = inputs
+    config = tiny_config("kl", loss={"gan_weight": 0.0}, train={"steps": 30, "checkpoint_every": 30, "ema_decay": 0.0,
+                                                             "warmup_steps": 5}, eval_images=4)
+    output, manifest = train_and_commit(store, manifests, config, tmp_path / "work")
+    history = [json.loads(line) for line in manifest.path(store, "losses.jsonl").read_text().splitlines()]
+    first, last = np.mean([h["l2"] for h in history[:3]]), np.mean([h["l2"] for h in history[-3:]])
+    assert last < 0.6 * first, (first, last)
+    assert "final_d_loss" not in output.summary  # no discriminator without gan_weight
+
+
+KILL_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from pathlib import Path
+import tasks.training.loop as loop
+from tasks.config import RuntimeConfig, TrainTokenizerConfig
+from tasks.stage import StageContext
+from tasks.store import Manifest, Store
+from tasks.train_tokenizer.stage import run_train_tokenizer
+
+slow = loop.lr_factor
+def lr_factor(*args):  # called once per step: slow steps leave time to kill mid-run
+    time.sleep(0.3)
+    return slow(*args)
+loop.lr_factor = lr_factor
+store_root, inputs_path, config_path, work = sys.argv[1:]
+import json
+inputs = {k: Manifest.model_validate(v) for k, v in json.loads(Path(inputs_path).read_text()).items()}
+config = TrainTokenizerConfig.model_validate_json(Path(config_path).read_text())
+ctx = StageContext("train-tokenizer", config, inputs, Store(store_root), RuntimeConfig(device="cpu"), "k" * 64, Path(work))
+run_train_tokenizer(ctx)
+"""
+
+
+def start_and_kill_after_checkpoint(tmp_path: Path, store: Store, manifests, config, work: Path) -> int:
+    """Run the stage in a child process, kill -9 it once a checkpoint exists; returns that step."""
+    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+    (tmp_path / "inputs.json").write_text(json.dumps({k: m.model_dump(mode="json") for k, m in manifests.items()}))
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    log = open(tmp_path / "kill.log", "wb")
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "kill.py"), str(store.root), str(tmp_path / "inputs.json"),
+         str(tmp_path / "config.json"), str(work)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    latest = work / "checkpoints" / "latest"
+    try:
+        deadline = time.monotonic() + 120
+        while not latest.exists():
+            assert child.poll() is None, (tmp_path / "kill.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    return int(latest.read_text().strip().split("-")[1])
+
+
+def test_kill_then_resume_gives_the_uninterrupted_weights(tmp_path, inputs):
+    torch.set_num_threads(1)
+    store, manifests = inputs
+    # KL sampling, drop path, the GAN and hflip all draw random numbers that must replay exactly.
+    config = tiny_config("kl", model={"drop_path": 0.1}, hflip=True,
+                         train={"steps": 9, "checkpoint_every": 3, "ema_decay": 0.9}, eval_images=2, grid_images=2)
+    killed_work = tmp_path / "killed"
+    checkpoint_step = start_and_kill_after_checkpoint(tmp_path, store, manifests, config, killed_work)
+    assert checkpoint_step < 9
+    assert not (killed_work / "output" / "tokenizer.safetensors").exists()
+
+    resumed, resumed_manifest = train_and_commit(store, manifests, config, killed_work)
+    assert resumed.summary["steps"] == 9 and resumed.summary["resumed_from"] == checkpoint_step >= 3
+    steps = [json.loads(line)["step"] for line in resumed_manifest.path(store, "losses.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))  # entries of the killed run after its checkpoint were dropped, not doubled
+
+    straight, straight_manifest = train_and_commit(store, manifests, config, tmp_path / "straight")
+    assert straight.summary["resumed_from"] == 0
+    for name in ("tokenizer.safetensors", "tokenizer-raw.safetensors"):
+        a, b = load_file(resumed_manifest.path(store, name)), load_file(straight_manifest.path(store, name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    model, _ = load_tokenizer(resumed_manifest, store)
+    assert model.config.bottleneck == "kl"
+
+
+def test_train_order_flips_and_prefetch_are_deterministic(inputs):
+    store, manifests = inputs
+    images = TrainImages(manifests["ingest"], store, seed=3, shuffle_group=2, hflip=True)
+    val = TrainImages(manifests["ingest"], store, seed=3, shuffle_group=2, split="val")
+    assert len(images) + len(val) == IMAGES
+    assert np.array_equal(images.flips(1), TrainImages(manifests["ingest"], store, 3, 2, hflip=True).flips(1))
+    assert not np.array_equal(images.flips(0), images.flips(1))
+    rows = images.order.epoch(0)[:8]
+    plain = TrainImages(manifests["ingest"], store, seed=3, shuffle_group=2).batch(rows, 0)
+    flipped = images.batch(rows, 0)
+    mirrored = images.flips(0)[rows]
+    assert mirrored.any() and not mirrored.all()
+    assert torch.equal(flipped.images[mirrored], plain.images[mirrored].flip(-1))
+    assert torch.equal(flipped.images[~mirrored], plain.images[~mirrored])
+
+    direct = BatchLoader(images, 8, rank=1, world=2, workers=0)
+    threaded = BatchLoader(images, 8, rank=1, world=2, workers=2)
+    steps_per_epoch = len(images) // 8
+    for step in range(steps_per_epoch + 2):  # crosses an epoch boundary
+        rows = direct.rows_of(step)
+        assert len(rows) == 4
+        a, b = direct.get(rows, step), threaded.get(rows, step)
+        assert a.image_ids == b.image_ids and torch.equal(a.images, b.images)
+    threaded.close()
+
+
+def test_frechet_distance_equals_clean_fid():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(40, 64))
+    fake = rng.normal(loc=0.3, scale=1.5, size=(50, 64))
+    expected = fid_from_statistics(*feature_statistics(real), *feature_statistics(fake))
+    assert frechet_distance(real, fake) == pytest.approx(expected, rel=1e-6)
+    more, others = rng.normal(size=(80, 64)), rng.normal(size=(90, 64))  # more samples than dimensions
+    assert frechet_distance(more, others) == fid_from_statistics(*feature_statistics(more), *feature_statistics(others))
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bad_settings_are_named(tmp_path, inputs):
+    store, manifests = inputs
+    with pytest.raises(ValueError, match="exceeds the .* training images"):
+        run_train_tokenizer(context(store, manifests, tiny_config(train={"batch_size": 4096}), tmp_path / "a"))
+    with pytest.raises(ValueError, match="multiple of the 3 training processes"):
+        run_train_tokenizer(context(store, manifests, tiny_config(), tmp_path / "b", RuntimeConfig(device="cpu", processes=3)))
+    with pytest.raises(FileNotFoundError, match="lpips_path"):
+        run_train_tokenizer(context(store, manifests, tiny_config(perceptual="lpips"), tmp_path / "c"))
+    no_text = execute_stage("embed-text", EmbedTextConfig(backend="none"), {"caption": manifests["caption"]}, store).manifest
+    with pytest.raises(ValueError, match="embed_text.backend"):
+        run_train_tokenizer(context(store, {**manifests, "embed-text": no_text}, tiny_config(use_text=True), tmp_path / "d"))
