@@ -55,7 +55,16 @@ def _print_results(results: dict[str, dict], store: Path) -> None:
     for name, result in results.items():
         outcome = "cached" if result["cache_hit"] else "computed"
         print(f"{name:<18}{outcome:<10}{result['rows']:>8}  {store / result['artifact']}")
-    print(f"\nlineage and metrics: duckdb {store / 'experiments.duckdb'}")
+    pictures = [
+        path
+        for result in results.values()
+        for path in sorted((store / result["artifact"]).glob("*.png"))
+    ]
+    if pictures:
+        print("\nplots and samples:")
+        for path in pictures:
+            print(f"  {path}")
+    print(f"\nlineage and metrics: .venv/bin/duckdb {store / 'experiments.duckdb'} -c \"select stage, name, value from metrics\"")
 
 
 def main(argv: list[str] | None = None) -> int:

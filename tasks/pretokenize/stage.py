@@ -176,26 +176,29 @@ def _rows(piece: pa.RecordBatch, tokens: torch.Tensor, encoder: Encoder) -> pa.T
 
 def encode_shard(
     shard: int, path: Path, out_dir: Path, encoder: Encoder, schema: pa.Schema, config: PretokenizeConfig, progress
-) -> None:
-    """Encode and write the parts of one ingest shard that are not written yet."""
+) -> int:
+    """Encode and write the parts of one ingest shard that are not written yet; returns the images encoded."""
     parquet = pq.ParquetFile(path)
     parts = max(1, math.ceil(parquet.metadata.num_rows / config.shard_rows))
     done = {k for k in range(parts) if (out_dir / part_name(shard, k)).is_file()}
     if len(done) == parts:
         progress.update(parquet.metadata.num_rows)
-        return
+        return 0
+    encoded = 0
     pieces = _decoded(_pieces(parquet, config.batch_size, config.shard_rows), frozenset(done), encoder.keep)
     for part, group in itertools.groupby(pieces, key=lambda item: item[0]):
         rows = []
         for _, read, piece, images in group:
             if part not in done and images is not None:
                 rows.append(_rows(piece, encoder.encode(images, piece.column("image_id").to_pylist()), encoder))
+                encoded += len(images)
             progress.update(read)
         if part not in done:
             _write_part(rows, schema, out_dir / part_name(shard, part))
             done.add(part)
     for part in set(range(parts)) - done:  # an empty ingest shard still gets its (empty) part
         _write_part([], schema, out_dir / part_name(shard, part))
+    return encoded
 
 
 @torch.no_grad()
@@ -286,8 +289,8 @@ def run_pretokenize(ctx: StageContext) -> StageOutput:
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
     started = time.perf_counter()
     with ctx.progress(total, "images", unit="img") as progress:
-        for shard, path in enumerate(files):
-            encode_shard(shard, path, out_dir, encoder, schema, config, progress)
+        encoded = sum(encode_shard(shard, path, out_dir, encoder, schema, config, progress)
+                      for shard, path in enumerate(files))
     elapsed = time.perf_counter() - started
 
     token_files = sorted(out_dir.glob("part-*.parquet"))
@@ -321,7 +324,8 @@ def run_pretokenize(ctx: StageContext) -> StageOutput:
         "skipped_no_caption": total - rows,
         "seq_len": meta["seq_len"],
         "discrete": meta["discrete"],
-        "images_per_s": rows / elapsed if elapsed > 0 else None,
+        "encoded_this_run": encoded,  # fewer than rows when a killed run is resumed
+        "images_per_s": encoded / elapsed if encoded else None,
         **check,
     }
     record = TableRecord(glob=f"{TABLE}/*.parquet", rows=rows, columns={f.name: str(f.type) for f in schema})
@@ -345,6 +349,9 @@ STAGE = Stage(
         "tasks.train_tokenizer.load",
         "tasks.train_tokenizer.data",
         "tasks.training.loop",
+        "tasks.ingest.read",
+        "tasks.caption.read",
+        "tasks.embed_text.read",
         "models.tokenizer",
         "models.quantizers",
     ),

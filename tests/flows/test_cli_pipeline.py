@@ -109,3 +109,25 @@ def test_four_concurrent_processes_lose_no_record(tmp_path):
 @pytest.mark.parametrize("preset", ["smoke"])
 def test_presets_listed(preset):
     assert preset in tok1d("presets").stdout
+
+
+ALL_STAGES = ["ingest", "caption", "embed-text", "train-tokenizer", "pretokenize", "train-generator", "evaluate"]
+
+
+@pytest.mark.parametrize("preset, generator", [("smoke", "maskgit"), ("smoke-textok", "dit")])
+def test_smoke_runs_every_stage_and_records_every_metric(tmp_path, preset, generator):
+    store = tmp_path / "store"
+    first = tok1d("run", "--preset", preset, "--store", str(store))
+    assert stage_results(first.stdout) == {stage: "computed" for stage in ALL_STAGES}
+    second = tok1d("run", "--preset", preset, "--store", str(store))
+    assert stage_results(second.stdout) == {stage: "cached" for stage in ALL_STAGES}
+
+    connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
+    metrics = dict(connection.execute("select name, value from metrics where stage in ('train-tokenizer', 'evaluate')").fetchall())
+    connection.close()
+    for name in ("rfid", "psnr", "ssim", "gfid", "inception_score", "precision", "recall"):
+        assert name in metrics, f"{name} missing from metrics: {sorted(metrics)}"
+    assert metrics["gfid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    generator_json = next((store / "artifacts" / "train-generator").glob("*/generator.json")).read_text()
+    assert f'"{generator}"' in generator_json
+    assert next((store / "artifacts" / "evaluate").glob("*/samples.png")).stat().st_size > 0

@@ -218,6 +218,7 @@ def test_kill_then_resume_writes_every_row_once(tmp_path, trained):
     ctx = context(store, manifests, vq, work)
     output = run_pretokenize(ctx)
     assert output.summary["rows"] == IMAGES
+    assert 0 < output.summary["encoded_this_run"] < IMAGES  # finished parts were not encoded again
     glob = str(parts / "*.parquet")
     assert duckdb.sql(f"select count(*), count(distinct image_id) from '{glob}'").fetchall()[0] == (IMAGES, IMAGES)
 
