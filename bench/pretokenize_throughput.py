@@ -89,21 +89,29 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10000, help="source images to ingest (0 = all)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's pretokenize.batch_size")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the best counts")
     parser.add_argument("--store", default=None, help="reuse a store (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="tok1d-bench-"))
     store = Store(root)
     manifests = prepare(store, args.preset, args.images or None)
-    stage = run_stage(store, manifests, args.preset, args.batch_size)
-    bare, count = bare_encode(store, manifests, stage["batch_size"])
+    # Alternating repeats, best of each: other processes on shared cores only ever slow a run down.
+    loop, whole, bare = [], [], []
+    for _ in range(args.repeats):
+        stage = run_stage(store, manifests, args.preset, args.batch_size)
+        loop.append(stage["images_per_s"])
+        whole.append(stage["rows"] / stage["seconds"])
+        speed, count = bare_encode(store, manifests, stage["batch_size"])
+        bare.append(speed)
     print(f"\npretokenize of {args.preset} on cpu ({torch.get_num_threads()} threads), {count} images, "
-          f"batch {stage['batch_size']}")
-    print(f"{'':<34} {'images/s':>9} {'% of bare':>10}")
-    print(f"{'bare model.encode (in memory)':<34} {bare:>9.1f} {100.0:>9.1f}%")
-    print(f"{'stage encode loop (read+decode+write)':<34} {stage['images_per_s']:>9.1f} {100 * stage['images_per_s'] / bare:>9.1f}%")
-    whole = stage["rows"] / stage["seconds"]
-    print(f"{'stage end to end (+ decode check)':<34} {whole:>9.1f} {100 * whole / bare:>9.1f}%")
+          f"batch {stage['batch_size']}, best of {args.repeats}")
+    print(f"{'':<40} {'images/s':>9} {'% of bare':>10}")
+    rows = [("bare model.encode (images in memory)", max(bare)),
+            ("stage encode loop (read, decode, write)", max(loop)),
+            ("stage end to end (+ decode check)", max(whole))]
+    for name, value in rows:
+        print(f"{name:<40} {value:>9.1f} {100 * value / max(bare):>9.1f}%")
     if not args.store:
         shutil.rmtree(root, ignore_errors=True)
 

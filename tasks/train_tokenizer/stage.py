@@ -346,11 +346,16 @@ def process_count(runtime: RuntimeConfig, device: str) -> int:
     return max(1, torch.cuda.device_count()) if device == "cuda" else 1
 
 
+# Resolved before any fork: between fork and exec the child may only make plain C calls.
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
-    # Linux: the torchrun agent gets SIGTERM (and stops its workers) if the stage process dies,
-    # so a killed run never leaves workers writing into the work dir a rerun resumes from.
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # The torchrun agent gets SIGTERM (and stops its workers) when the stage process dies, so a
+    # killed stage never leaves workers writing into the work dir that a rerun resumes from.
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def launch_workers(job: TrainJob, processes: int) -> dict[str, Any]:

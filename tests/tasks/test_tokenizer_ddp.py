@@ -1,8 +1,14 @@
-"""train-tokenizer with 2 torchrun processes (gloo, CPU) equals 1 process with the same global batch."""
+"""train-tokenizer with 2 torchrun processes (gloo, CPU): equal to 1 process with the same global
+batch, and a killed stage takes its workers down and resumes."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +18,7 @@ from safetensors.torch import load_file
 from tasks.config import RuntimeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_tokenizer import build_inputs, tiny_config, train_and_commit  # noqa: E402
+from test_train_tokenizer import REPO, build_inputs, tiny_config, train_and_commit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +56,76 @@ def test_two_processes_match_one(tmp_path, inputs):
         torch.testing.assert_close(gan_two[key], gan_one[key], rtol=1e-4, atol=2e-5, msg=f"gan:{key}")
     # Same losses logged (means over the two halves of each batch).
     assert double.summary["final_l2"] == pytest.approx(single.summary["final_l2"], rel=1e-4)
+
+
+KILL_SCRIPT = """
+import json, sys, torch
+from pathlib import Path
+from tasks.config import RuntimeConfig, TrainTokenizerConfig
+from tasks.stage import StageContext
+from tasks.store import Manifest, Store
+from tasks.train_tokenizer.stage import run_train_tokenizer
+
+store_root, inputs_path, config_path, work = sys.argv[1:]
+inputs = {k: Manifest.model_validate(v) for k, v in json.loads(Path(inputs_path).read_text()).items()}
+config = TrainTokenizerConfig.model_validate_json(Path(config_path).read_text())
+runtime = RuntimeConfig(device="cpu", processes=2, threads=1)
+run_train_tokenizer(StageContext("train-tokenizer", config, inputs, Store(store_root), runtime, "k" * 64, Path(work)))
+"""
+
+
+def workers_of(job_file: Path) -> list[int]:
+    """Processes whose command line names this job file (the torchrun agent and its workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(job_file).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue  # exited meanwhile
+    return found
+
+
+def test_killing_the_stage_stops_its_workers_and_a_rerun_resumes(tmp_path, inputs):
+    torch.set_num_threads(1)
+    store, manifests = inputs
+    config = tiny_config("vq", model={"drop_path": 0.0}, loss={"gan_weight": 0.0},
+                         train={"steps": 40, "checkpoint_every": 5, "log_every": 5}, eval_images=2, grid_images=2)
+    work = tmp_path / "work"
+    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+    (tmp_path / "inputs.json").write_text(json.dumps({k: m.model_dump(mode="json") for k, m in manifests.items()}))
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    log = open(tmp_path / "kill.log", "wb")
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "kill.py"), str(store.root), str(tmp_path / "inputs.json"),
+         str(tmp_path / "config.json"), str(work)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    latest = work / "checkpoints" / "latest"
+    try:
+        deadline = time.monotonic() + 180
+        while not latest.exists():
+            assert child.poll() is None, (tmp_path / "kill.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    # The agent dies with the stage and stops its workers: orphans would train on to step 40.
+    deadline = time.monotonic() + 60
+    while workers_of(work / "job.json"):
+        assert time.monotonic() < deadline, f"workers {workers_of(work / 'job.json')} outlived the stage"
+        time.sleep(0.2)
+    checkpoint_step = int(latest.read_text().strip().split("-")[1])
+    assert 5 <= checkpoint_step < 40, checkpoint_step
+    assert not (work / "output" / "tokenizer.safetensors").exists()
+
+    resumed, resumed_manifest = train_and_commit(store, manifests, config, work,
+                                                 RuntimeConfig(device="cpu", processes=2, threads=1))
+    assert resumed.summary["steps"] == 40 and resumed.summary["resumed_from"] >= checkpoint_step
+    single, single_manifest = train_and_commit(store, manifests, config, tmp_path / "one")
+    one = load_file(single_manifest.path(store, "tokenizer-raw.safetensors"))
+    two = load_file(resumed_manifest.path(store, "tokenizer-raw.safetensors"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=5e-5, msg=key)
