@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what ran, what is cached, what failed")
     status.add_argument("--store", default=DEFAULT_STORE)
     commands.add_parser("presets", help="list the presets in configs/")
-    sweep = commands.add_parser("sweep", help="presets x token counts through the pipeline; rFID/gFID/PSNR table")
+    sweep = commands.add_parser("sweep", help="presets x token counts (x text on/off) through the pipeline; rFID/gFID/PSNR table")
     sweep.add_argument("--presets", required=True, help="comma-separated presets, e.g. fashion-mnist-titok,fashion-mnist-textok")
     sweep.add_argument("--tokens", required=True, help="comma-separated token counts, e.g. 16,32,64")
+    sweep.add_argument("--text", default=None, metavar="on,off",
+                       help="also sweep train_tokenizer.use_text (default: each preset's own setting)")
     sweep.add_argument("--store", default=DEFAULT_STORE)
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser

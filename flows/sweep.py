@@ -1,7 +1,9 @@
-"""The `sweep` flow: presets x token counts through the pipeline, tabulated like the TexTok paper.
+"""The `sweep` flow: presets x token counts (x text on/off) through the pipeline, tabulated like
+the TexTok paper.
 
 Each grid point is one `run_pipeline` call up to `evaluate`, with
-`--set train_tokenizer.model.num_latent_tokens=N` added to the sweep's overrides. Points share
+`--set train_tokenizer.model.num_latent_tokens=N` (and, when the text axis is given,
+`--set train_tokenizer.use_text=true|false`) added to the sweep's overrides. Points share
 every stage whose section and inputs they share (ingest, caption and embed-text are computed once
 per dataset), because each stage's cache key only covers what it reads.
 
@@ -10,7 +12,7 @@ over every sweep's file in `<store>/experiments.duckdb` (created in a short writ
 while another process holds the file), and `<store>/sweeps/<sweep_id>.png`: a table of rFID,
 gFID and PSNR per token count, with and without text, plus the same numbers as curves.
 
-    tok1d sweep --presets fashion-mnist-titok,fashion-mnist-textok --tokens 16,32,64 --store S
+    tok1d sweep --presets fashion-mnist-textok --tokens 16,32,64 --text on,off --store S
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ log = logging.getLogger("tok1d")
 SWEEPS_DIR = "sweeps"
 VIEW = "sweep_results"
 TOKENS_KEY = "train_tokenizer.model.num_latent_tokens"
+TEXT_KEY = "train_tokenizer.use_text"
 # (column, stage whose summary holds it, summary key)
 METRICS = (
     ("rfid", "train-tokenizer", "rfid"),
@@ -73,16 +76,25 @@ SCHEMA = pa.schema(
 TABLE_METRICS = (("rfid", "rFID", True), ("gfid", "gFID", True), ("psnr", "PSNR", False))
 
 
-def grid_configs(presets: list[str], token_counts: list[int], overrides: list[str]) -> list[tuple[str, int, PipelineConfig]]:
-    """Every (preset, token count) point's validated config; fails before anything runs."""
+def grid_configs(presets: list[str], token_counts: list[int], overrides: list[str],
+                 text: list[bool] | None = None) -> list[tuple[str, int, PipelineConfig]]:
+    """Every (preset, token count[, text on/off]) point's validated config; fails before anything runs.
+
+    `text=None` keeps each preset's own `use_text`; a list sweeps it (the same model with and
+    without the caption's text tokens: the TexTok paper's ablation).
+    """
     if not presets or not token_counts:
         raise ConfigError("a sweep needs at least one preset and one token count")
     for count in token_counts:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"token counts must be positive integers, got {count!r}")
+    if text is not None and (not text or len(set(text)) != len(text)):
+        raise ConfigError(f"the text axis needs distinct values from on/off, got {text!r}")
+    text_overrides = [[]] if text is None else [[f"{TEXT_KEY}={'true' if on else 'false'}"] for on in text]
     return [
-        (preset, count, load_config(preset, [*overrides, f"{TOKENS_KEY}={count}"]))
+        (preset, count, load_config(preset, [*overrides, f"{TOKENS_KEY}={count}", *extra]))
         for preset in presets
+        for extra in text_overrides
         for count in token_counts
     ]
 
@@ -242,31 +254,34 @@ def _publish(rows: list[dict[str, Any]], sweep_id: str) -> None:
 
 
 @flow(name="sweep")
-def sweep(presets: list[str], token_counts: list[int], store: str, overrides: list[str] | None = None) -> dict:
-    """Run every preset x token count point up to `evaluate`; returns the results and their files.
+def sweep(presets: list[str], token_counts: list[int], store: str, overrides: list[str] | None = None,
+          text: list[bool] | None = None) -> dict:
+    """Run every preset x token count (x text) point up to `evaluate`; returns the results and files.
 
     A failing point is recorded (status "failed", its error) and the others still run; the flow
     fails at the end if any point failed, after writing the table, view and plot.
     """
     overrides = list(overrides or [])
-    grid = grid_configs(presets, token_counts, overrides)
+    grid = grid_configs(presets, token_counts, overrides, text)
     target = Store(store)
-    digest = hash_value({"presets": presets, "tokens": token_counts, "overrides": overrides})[:8]
+    digest = hash_value({"presets": presets, "tokens": token_counts, "overrides": overrides, "text": text})[:8]
     sweep_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest}"
     rows = []
     for preset, count, config in grid:
-        log.info("sweep %s: %s with %d tokens", sweep_id, preset, count)
+        point = f"{preset} with {count} tokens, text {'on' if config.train_tokenizer.use_text else 'off'}"
+        log.info("sweep %s: %s", sweep_id, point)
         try:
             results = run_pipeline(config, target, preset=preset, flow="sweep", until="evaluate")
             rows.append(result_row(sweep_id, preset, count, config, results))
         except Exception as error:  # one bad point must not lose the others' results
-            log.error("sweep %s: %s with %d tokens failed: %r", sweep_id, preset, count, error)
+            log.error("sweep %s: %s failed: %r", sweep_id, point, error)
             rows.append(result_row(sweep_id, preset, count, config, None, error=f"{type(error).__name__}: {error}"))
     table_path = write_results(target, sweep_id, rows)
     view = VIEW if create_results_view(target) else None
     plot_path = plot_sweep(rows, target.root / SWEEPS_DIR / f"{sweep_id}.png", f"sweep {sweep_id}")
     _publish(rows, sweep_id)
-    failed = [f"{row['preset']}@{row['num_tokens']}: {row['error']}" for row in rows if row["status"] == "failed"]
+    failed = [f"{row['preset']}@{row['num_tokens']}{'+text' if row['use_text'] else ''}: {row['error']}"
+              for row in rows if row["status"] == "failed"]
     if failed:
         raise RuntimeError(f"sweep {sweep_id}: {len(failed)} of {len(rows)} points failed (results of the others "
                            f"are in {table_path}): " + "; ".join(failed))
@@ -280,8 +295,22 @@ def _split_list(text: str, what: str) -> list[str]:
     return items
 
 
+TEXT_VALUES = {"on": True, "off": False}
+
+
+def parse_text_axis(text: str | None) -> list[bool] | None:
+    """`--text on,off` -> [True, False]; absent -> None (each preset's own setting)."""
+    if text is None:
+        return None
+    items = [item.lower() for item in _split_list(text, "text")]
+    unknown = [item for item in items if item not in TEXT_VALUES]
+    if unknown:
+        raise ConfigError(f"--text takes on and/or off, comma-separated; got {', '.join(unknown)}")
+    return [TEXT_VALUES[item] for item in items]
+
+
 def run_sweep_cli(args) -> int:
-    """`tok1d sweep --presets a,b --tokens 16,32 --store S [--set k=v]`; returns the exit code."""
+    """`tok1d sweep --presets a,b --tokens 16,32 [--text on,off] --store S [--set k=v]`; returns the exit code."""
     import sys
 
     try:
@@ -290,12 +319,13 @@ def run_sweep_cli(args) -> int:
             counts = [int(item) for item in _split_list(args.tokens, "tokens")]
         except ValueError:
             raise ConfigError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
-        grid_configs(presets, counts, list(args.overrides or []))  # fail fast, before Prefect starts
+        text = parse_text_axis(args.text)
+        grid_configs(presets, counts, list(args.overrides or []), text)  # fail fast, before Prefect starts
     except ConfigError as error:
         print(f"tok1d: {error}", file=sys.stderr)
         return 2
     result = sweep(presets=presets, token_counts=counts, store=str(Path(args.store).expanduser().resolve()),
-                   overrides=list(args.overrides or []))
+                   overrides=list(args.overrides or []), text=text)
     print(f"\n{'preset':<28}{'tokens':>7}{'text':>6}{'rFID':>9}{'gFID':>9}{'PSNR':>8}  status")
     for row in result["rows"]:
         numbers = "".join(f"{'-' if row[m] is None else format(row[m], '.2f'):>{w}}" for m, w in

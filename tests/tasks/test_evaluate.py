@@ -338,7 +338,7 @@ def test_sweep_table_view_and_plot(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep_flow, "run_pipeline", fake_pipeline)
     store = tmp_path / "store"
-    with pytest.raises(RuntimeError, match=r"1 of 4 points failed .*texty.yaml@64: RuntimeError: out of memory"):
+    with pytest.raises(RuntimeError, match=r"1 of 4 points failed .*texty.yaml@64\+text: RuntimeError: out of memory"):
         sweep_flow.sweep.fn(presets, [16, 64], str(store), ["train_tokenizer.train.steps=7"])
     assert seen == [(name, n, 7, "sweep", "evaluate") for name in ("plain", "texty") for n in (16, 64)]
 
@@ -357,7 +357,25 @@ def test_sweep_table_view_and_plot(tmp_path, monkeypatch):
     ]
 
     monkeypatch.setattr(sweep_flow, "sweep", lambda **kwargs: pytest.fail("a bad grid must fail before running"))
-    bad = argparse.Namespace(presets="smoke", tokens="16,many", store=str(store), overrides=[])
+    bad = argparse.Namespace(presets="smoke", tokens="16,many", store=str(store), overrides=[], text=None)
     assert sweep_flow.run_sweep_cli(bad) == 2
     bad.tokens, bad.overrides = "16", ["train_tokenizer.model.colour=red"]
     assert sweep_flow.run_sweep_cli(bad) == 2
+    bad.overrides, bad.text = [], "on,maybe"
+    assert sweep_flow.run_sweep_cli(bad) == 2
+
+
+def test_sweep_text_axis_runs_each_preset_with_and_without_text():
+    from flows.sweep import grid_configs, parse_text_axis
+    from tasks.config import ConfigError
+
+    assert parse_text_axis(None) is None and parse_text_axis(" On ,off") == [True, False]
+    grid = grid_configs(["smoke-textok"], [8, 16], ["train_tokenizer.train.steps=3"], parse_text_axis("on,off"))
+    points = [(preset, n, c.train_tokenizer.use_text, c.train_tokenizer.model.num_latent_tokens,
+               c.train_tokenizer.model.bottleneck, c.train_tokenizer.train.steps) for preset, n, c in grid]
+    assert points == [("smoke-textok", 8, True, 8, "kl", 3), ("smoke-textok", 16, True, 16, "kl", 3),
+                      ("smoke-textok", 8, False, 8, "kl", 3), ("smoke-textok", 16, False, 16, "kl", 3)]
+    # Without the axis each preset keeps its own setting.
+    assert [c.train_tokenizer.use_text for _, _, c in grid_configs(["smoke", "smoke-textok"], [8], [])] == [False, True]
+    with pytest.raises(ConfigError, match="distinct"):
+        grid_configs(["smoke"], [8], [], [True, True])
