@@ -221,6 +221,7 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
     reference = reference_statistics(
         ctx.inputs["ingest"], store, config.reference_split, config.reference_images, net,
         extractor_id(config.inception_classifier_path), batch_size=config.batch_size,
+        progress=lambda: ctx.progress(config.reference_images, "reference images", unit="img"),
     )
 
     rng = torch.Generator(device=device).manual_seed(config.seed)
