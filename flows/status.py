@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from tasks import lineage
 from tasks.store import Store
 
 LATEST_STAGES_SQL = """
-    select stage, status, cache_hit, output_artifact, started_at, ended_at, error
+    select stage, status, cache_hit, output_artifact, started_at, ended_at, error, host, pid
     from (select *, row_number() over (partition by stage order by event_time desc) as rn from stages)
     where rn = 1 order by started_at
 """
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def shown_status(status: str, host: str | None, pid: int | None) -> str:
+    """A `running` stage whose process on this host is gone was killed: it never wrote its end
+    event (the next run resumes it from its checkpoints)."""
+    if status == "running" and pid is not None and host == socket.gethostname() and not _process_alive(pid):
+        return "killed"
+    return status
 
 
 def print_status(root: Path) -> int:
@@ -33,9 +53,9 @@ def print_status(root: Path) -> int:
     print(f"store: {store.root}")
     print(f"runs: {runs[0]} ({runs[1]} failed)\n")
     print(f"{'stage':<18}{'status':<11}{'cached':<8}{'finished':<21}artifact")
-    for stage, status, cache_hit, artifact, _started, ended, error in latest:
+    for stage, status, cache_hit, artifact, _started, ended, error, host, pid in latest:
         finished = ended.strftime("%Y-%m-%d %H:%M:%S") if ended else "-"
-        print(f"{stage:<18}{status:<11}{'yes' if cache_hit else 'no':<8}{finished:<21}{artifact or error or '-'}")
+        print(f"{stage:<18}{shown_status(status, host, pid):<11}{'yes' if cache_hit else 'no':<8}{finished:<21}{artifact or error or '-'}")
     records = store.cache_records()
     intact = [r for r in records if r[3] and not r[2].problems(store)]
     print(f"\ncache: {len(intact)} intact of {len(records)} recorded outputs")
