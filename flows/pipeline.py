@@ -47,6 +47,7 @@ def run_pipeline(
         config_hash=config.digest(),
         git_revision=git_revision(),
         started_at=started,
+        config=config.model_dump_json(),
     )
     lineage.ensure_database(store)
     lineage.record_run(store, status="running", **record)

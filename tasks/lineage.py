@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from tasks.secrets import redact
 from tasks.store import Manifest, Store
 
-VIEWS_VERSION = "1"
+VIEWS_VERSION = "2"
 
 _TS = pa.timestamp("us", tz="UTC")
 SCHEMAS: dict[str, pa.Schema] = {
@@ -41,6 +41,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("started_at", _TS),
             ("ended_at", _TS),
             ("error", pa.string()),
+            # The whole resolved configuration as JSON: `config->>'$.train_tokenizer.use_text'`.
+            ("config", pa.string()),
             ("event_time", _TS),
         ]
     ),
@@ -236,6 +238,7 @@ def record_run(
     started_at: datetime,
     ended_at: datetime | None = None,
     error: str | None = None,
+    config: str | None = None,
 ) -> None:
     append(
         store,
@@ -252,6 +255,7 @@ def record_run(
                 started_at=started_at,
                 ended_at=ended_at,
                 error=redact(error) if error else None,
+                config=redact(config) if config else None,
                 event_time=now(),
             )
         ],

@@ -199,3 +199,28 @@ def test_a_user_holding_the_database_does_not_block_stage_runs(tmp_path, toy_sta
     connection = duckdb.connect(str(store.duckdb_path), read_only=True)
     assert connection.execute("select count(*) from stages where status = 'completed'").fetchone()[0] == 1
     connection.close()
+
+
+def test_runs_hold_their_config_as_queryable_json(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.config import load_config
+
+    store = Store(tmp_path / "store")
+    config = load_config("smoke-textok", ["train_tokenizer.use_text=false"])
+    common = dict(flow_run_id=None, flow="full-pipeline", git_revision=None, started_at=lineage.now())
+    lineage.record_run(store, run_id="new", preset="smoke-textok", config_hash=config.digest(), status="completed",
+                       config=config.model_dump_json(), **common)
+    # A record written before the column existed still reads (as NULL) next to the new ones.
+    old_schema = pa.schema([field for field in lineage.SCHEMAS["run_events"] if field.name != "config"])
+    old = pa.Table.from_pylist([dict(run_id="old", flow="full-pipeline", preset="smoke", status="completed",
+                                     event_time=lineage.now())], schema=old_schema)
+    pq.write_table(old, store.root / "lineage" / "run_events" / "0-old.parquet")
+    assert lineage.ensure_database(store)
+    connection = duckdb.connect(str(store.duckdb_path), read_only=True)
+    rows = connection.execute(
+        "select run_id, config->>'$.train_tokenizer.use_text', config->>'$.train_tokenizer.model.bottleneck' "
+        "from runs order by run_id").fetchall()
+    connection.close()
+    assert rows == [("new", "false", "kl"), ("old", None, None)]
