@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -11,6 +12,8 @@ from tqdm.auto import tqdm
 log = logging.getLogger("tok1d")
 
 _ARTIFACT_INTERVAL_S = 2.0
+# Redraws of a bar written to a file or a worker's log: every 0.1 s there would be megabytes.
+_LOG_INTERVAL_S = 30.0
 
 
 def _in_prefect_run() -> bool:
@@ -26,7 +29,9 @@ class Progress:
         self.stage = stage
         self.total = total
         self.count = initial
-        self.bar = tqdm(total=total, desc=f"{stage}: {desc}", unit=unit, initial=initial, dynamic_ncols=True)
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=f"{stage}: {desc}", unit=unit, initial=initial, dynamic_ncols=True,
+                        mininterval=0.1 if interactive else _LOG_INTERVAL_S)
         self.desc = desc
         self._artifact_id = None
         self._last_push = 0.0
