@@ -172,6 +172,27 @@ def test_dit_uses_the_train_token_scale(tmp_path, store):
     assert a.shape == (4, SEQ_LEN, TOKEN_DIM) and torch.equal(a, b)
 
 
+def test_ema_warms_up_so_a_short_run_keeps_little_of_the_initial_weights(tmp_path, store):
+    from safetensors.torch import load_file
+
+    from tasks.train_generator.load import EMA_WEIGHTS, RAW_WEIGHTS
+    from tasks.train_generator.worker import ema_decay_at
+
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
+    # Share of the initial weights left in the EMA after 1500 steps: 0.999**1500 = 22% without warm-up.
+    assert math.prod(ema_decay_at(step, 0.999) for step in range(1500)) < 1e-3
+
+    tokens = token_artifact(store, discrete=False)
+    ctx = context(store, generator_config(steps=30, train={"ema_decay": 0.999}), {"pretokenize": tokens}, tmp_path / "w")
+    run_train_generator(ctx)
+    ema, raw = load_file(ctx.output_dir / EMA_WEIGHTS), load_file(ctx.output_dir / RAW_WEIGHTS)
+    # adaLN-Zero starts the output layer at zero: a fixed 0.999 would leave the EMA's at ~3% of the raw one's.
+    final = [key for key in raw if key.startswith("final_layer.linear.weight")]
+    assert final, sorted(raw)
+    for key in final:
+        assert ema[key].norm() > 0.5 * raw[key].norm(), key
+
+
 def test_text_conditioned_dit_and_clear_errors(tmp_path, store):
     continuous, discrete, texts = token_artifact(store, False), token_artifact(store, True), text_artifact(store)
     ctx = context(store, generator_config(steps=2, conditioning="text"),
