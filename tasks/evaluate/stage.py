@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -44,7 +42,8 @@ from tasks.config import EvaluateConfig
 from tasks.evaluate.reference import extractor_id, reference_statistics
 from tasks.evaluate.sampling import balanced_labels, draw_captions, sample_tokens
 from tasks.stage import Stage, StageContext, StageOutput
-from tasks.store import TableRecord, atomic_write_bytes, temporary_path
+from tasks.store import TableRecord, atomic_write_bytes
+from tasks.tables import write_parquet_atomic
 from tasks.train_generator.load import load_generator
 from tasks.train_tokenizer.load import load_tokenizer
 from tasks.train_generator.worker import read_token_meta
@@ -84,9 +83,7 @@ class SampleShards:
         if not self.rows and self.shards:
             return
         path = self.folder / f"part-{self.shards:05d}.parquet"
-        tmp = temporary_path(path)
-        pq.write_table(pa.Table.from_pylist(self.rows, schema=SAMPLES_SCHEMA), tmp, use_dictionary=["caption_id"])
-        os.replace(tmp, path)
+        write_parquet_atomic(pa.Table.from_pylist(self.rows, schema=SAMPLES_SCHEMA), path, use_dictionary=["caption_id"])
         self.written += len(self.rows)
         self.shards += 1
         self.rows = []

@@ -8,14 +8,12 @@ PNG files they would be saved as; rFID uses clean-fid's Inception features of th
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.linalg
 import torch
 import torch.nn.functional as F
@@ -25,7 +23,8 @@ from models.inception import InceptionFeatures
 from models.metrics import extract_features, feature_statistics, fid_from_statistics, psnr, ssim
 from models.quantizers import codebook_stats
 from models.tokenizer import Tokenizer
-from tasks.store import TableRecord, temporary_path
+from tasks.store import TableRecord
+from tasks.tables import write_parquet_atomic
 from tasks.train_tokenizer.data import Batch
 from tasks.training.loop import autocast
 
@@ -161,10 +160,6 @@ def write_report(report: ReconstructionReport, directory: Path, grid_name: str) 
         },
         schema=RECONSTRUCTIONS_SCHEMA,
     )
-    path = directory / "reconstructions" / "part-00000.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_parquet_atomic(table, directory / "reconstructions" / "part-00000.parquet")
     return TableRecord(glob="reconstructions/*.parquet", rows=count,
                        columns={f.name: str(f.type) for f in RECONSTRUCTIONS_SCHEMA})
