@@ -28,14 +28,14 @@ from typing import Any, Iterator
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import flow
 
 from flows.pipeline import run_pipeline
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.hashing import hash_value
 from tasks.stage import StageResult
-from tasks.store import Store, temporary_path
+from tasks.store import Store
+from tasks.tables import write_parquet_atomic
 
 log = logging.getLogger("tok1d")
 
@@ -134,10 +134,7 @@ def result_row(sweep_id: str, preset: str, count: int, config: PipelineConfig,
 
 def write_results(store: Store, sweep_id: str, rows: list[dict[str, Any]]) -> Path:
     path = store.root / SWEEPS_DIR / f"{sweep_id}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
-    os.replace(tmp, path)
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA), path)
     return path
 
 

@@ -20,10 +20,10 @@ from typing import Any, Iterator
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks.secrets import redact
 from tasks.store import Manifest, Store
+from tasks.tables import write_parquet_atomic
 
 VIEWS_VERSION = "2"
 
@@ -134,14 +134,10 @@ def append(store: Store, table: str, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     schema = SCHEMAS[table]
-    directory = _table_dir(store, table)
-    directory.mkdir(parents=True, exist_ok=True)
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
     arrow = pa.table(columns, schema=schema)
     name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = directory / f".{name}.tmp"
-    pq.write_table(arrow, tmp)
-    os.replace(tmp, directory / name)
+    write_parquet_atomic(arrow, _table_dir(store, table) / name)
 
 
 def _ensure_seed_files(store: Store) -> None:
@@ -149,10 +145,7 @@ def _ensure_seed_files(store: Store) -> None:
     for table, schema in SCHEMAS.items():
         seed = _table_dir(store, table) / "_schema.parquet"
         if not seed.exists():
-            seed.parent.mkdir(parents=True, exist_ok=True)
-            tmp = seed.with_name(f".{seed.name}.{uuid.uuid4().hex[:8]}.tmp")
-            pq.write_table(schema.empty_table(), tmp)
-            os.replace(tmp, seed)
+            write_parquet_atomic(schema.empty_table(), seed)
 
 
 def define_views(connection: duckdb.DuckDBPyConnection, store: Store, temporary: bool = False) -> None:

@@ -13,7 +13,6 @@ and the stage reports itself incomplete until there are none.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -30,7 +29,8 @@ from tasks.caption.backends import CaptionResult, caption_id, dataset_captions, 
 from tasks.config import CaptionConfig, GeminiConfig
 from tasks.hashing import hash_value
 from tasks.stage import Stage, StageContext, StageOutput
-from tasks.store import Manifest, Store, TableRecord, temporary_path, write_json
+from tasks.store import Manifest, Store, TableRecord, write_json
+from tasks.tables import write_parquet_atomic
 
 log = logging.getLogger("tok1d")
 
@@ -173,17 +173,6 @@ class CaptionCache:
         # Time first, so that file order is write order; the uuid keeps concurrent writers apart.
         path = self.directory / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
         write_parquet_atomic(table, path)
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_table(output_dir: Path, name: str, table: pa.Table) -> TableRecord:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -29,7 +28,8 @@ import pyarrow.parquet as pq
 
 from tasks.embed_text.encoders import EncodedBatch
 from tasks.hashing import hash_value, sha256_file
-from tasks.store import atomic_write_text, temporary_path, write_json
+from tasks.store import atomic_write_text, write_json
+from tasks.tables import write_parquet_atomic
 
 log = logging.getLogger("tok1d")
 
@@ -171,13 +171,7 @@ class EmbeddingCache:
 
     def append(self, table: pa.Table) -> None:
         path = self.directory / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
-        tmp = temporary_path(path)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_parquet_atomic(table, path)
 
     def select(self, wanted: set[str]) -> Iterator[pa.Table]:
         """The rows of the wanted captions, each caption once (its first row in file order)."""

@@ -8,12 +8,10 @@ captions, in any preset, encodes nothing and does not even load the encoder.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks.caption.read import load_caption_pool, load_captions
 from tasks.config import EmbedTextConfig
@@ -28,7 +26,8 @@ from tasks.embed_text.cache import (
 )
 from tasks.embed_text.encoders import load_encoder, resolve_model
 from tasks.stage import Stage, StageContext, StageOutput
-from tasks.store import Manifest, Store, TableRecord, temporary_path
+from tasks.store import Manifest, Store, TableRecord
+from tasks.tables import write_parquet_atomic
 
 log = logging.getLogger("tok1d")
 
@@ -69,9 +68,7 @@ class ShardWriter:
         table = pa.concat_tables(self.pending)
         self.pending = []
         path = self.folder / f"part-{self.shards:05d}.parquet"
-        tmp = temporary_path(path)
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        write_parquet_atomic(table, path)
         self.written += table.num_rows
         self.shards += 1
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,17 +33,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from models.inception import InceptionFeatures
-from models.metrics import clip_score, extract_features, feature_statistics, fid_from_statistics, inception_score, precision_recall
+from models.metrics import (clip_score, extract_features, feature_statistics, fid_from_statistics, inception_score,
+                            low_rank_frechet_distance, precision_recall)
 from tasks.config import EvaluateConfig
 from tasks.evaluate.reference import extractor_id, reference_statistics
 from tasks.evaluate.sampling import balanced_labels, draw_captions, sample_tokens
 from tasks.stage import Stage, StageContext, StageOutput
-from tasks.store import TableRecord, atomic_write_bytes, temporary_path
+from tasks.store import TableRecord, atomic_write_bytes
+from tasks.tables import write_parquet_atomic
 from tasks.train_generator.load import load_generator
 from tasks.train_tokenizer.load import load_tokenizer
 from tasks.train_generator.worker import read_token_meta
@@ -84,9 +84,7 @@ class SampleShards:
         if not self.rows and self.shards:
             return
         path = self.folder / f"part-{self.shards:05d}.parquet"
-        tmp = temporary_path(path)
-        pq.write_table(pa.Table.from_pylist(self.rows, schema=SAMPLES_SCHEMA), tmp, use_dictionary=["caption_id"])
-        os.replace(tmp, path)
+        write_parquet_atomic(pa.Table.from_pylist(self.rows, schema=SAMPLES_SCHEMA), path, use_dictionary=["caption_id"])
         self.written += len(self.rows)
         self.shards += 1
         self.rows = []
@@ -289,27 +287,6 @@ def _fid(pool: np.ndarray, reference) -> float:
         mu, sigma = feature_statistics(pool)
         return fid_from_statistics(mu, sigma, reference.mu, reference.sigma)
     return low_rank_frechet_distance(reference.features, pool, reference.mu, reference.sigma)
-
-
-def low_rank_frechet_distance(real: np.ndarray, fake: np.ndarray, mu_real: np.ndarray | None = None,
-                              sigma_real: np.ndarray | None = None) -> float:
-    """The Frechet distance of the features' Gaussians, exact, through the samples themselves.
-
-    With centred features X [n, d] and Y [m, d], the eigenvalues of S_x S_y are the squared
-    singular values of X Y^T / sqrt((n-1)(m-1)), so tr sqrt(S_x S_y) is that matrix's nuclear
-    norm. When n or m <= d the covariances are singular: scipy's sqrtm (clean-fid's route) then
-    warns that its result may be inaccurate and takes ~30 s for d = 2048 on a small CPU, while this
-    needs one SVD of an n x m matrix. mu_real/sigma_real (float64 statistics of `real`) are used
-    for the mean and trace terms when given.
-    """
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-    mu_x = real.mean(axis=0) if mu_real is None else mu_real
-    x, y = real - real.mean(axis=0), fake - fake.mean(axis=0)
-    n, m = len(x), len(y)
-    trace_x = float(np.trace(sigma_real)) if sigma_real is not None else float((x * x).sum()) / (n - 1)
-    trace_y = float((y * y).sum()) / (m - 1)
-    cross = float(np.linalg.svd(x @ y.T, compute_uv=False).sum()) / math.sqrt((n - 1) * (m - 1))
-    return float(np.sum((mu_x - fake.mean(axis=0)) ** 2) + trace_x + trace_y - 2 * cross)
 
 
 def _inception_score(features: dict[str, list[np.ndarray]], pool: np.ndarray, reference) -> dict[str, Any]:

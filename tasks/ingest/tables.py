@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from tasks.store import temporary_path
+from tasks.tables import write_parquet_atomic
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -55,24 +53,17 @@ def shard_done(output_dir: Path, index: int) -> bool:
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
-    """Write under a hidden temporary name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
+    """Write one ingest shard atomically, laid out for the stages that stream it."""
     small = [name for name in table.column_names if name != "image"]
-    try:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            row_group_size=ROW_GROUP_ROWS,
-            # PNG bytes neither compress, dictionary-encode, nor make useful min/max statistics.
-            use_dictionary=small,
-            write_statistics=small,
-        )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_parquet_atomic(
+        table,
+        path,
+        compression="zstd",
+        row_group_size=ROW_GROUP_ROWS,
+        # PNG bytes neither compress, dictionary-encode, nor make useful min/max statistics.
+        use_dictionary=small,
+        write_statistics=small,
+    )
 
 
 def write_shard(output_dir: Path, index: int, images: pa.Table, rejects: pa.Table) -> None:

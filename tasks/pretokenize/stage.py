@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +33,8 @@ from tasks.config import PretokenizeConfig
 from tasks.ingest.read import class_names
 from tasks.pretokenize.read import META_FILE, TABLE, decode_tokens, tokens_schema
 from tasks.stage import Stage, StageContext, StageOutput
-from tasks.store import Manifest, Store, TableRecord, temporary_path, write_json
+from tasks.store import Manifest, Store, TableRecord, write_json
+from tasks.tables import write_parquet_atomic
 from tasks.train_tokenizer.data import TextSource, decode_images, iter_eval_batches
 from tasks.train_tokenizer.load import load_tokenizer
 from tasks.training.loop import autocast
@@ -131,13 +131,7 @@ def _decoded(pieces: Iterator[tuple[int, pa.RecordBatch]], skip: frozenset[int],
 
 def _write_part(rows: list[pa.Table], schema: pa.Schema, path: Path) -> int:
     table = pa.concat_tables(rows).cast(schema) if rows else schema.empty_table()
-    tmp = temporary_path(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_parquet_atomic(table, path, compression="zstd")
     return table.num_rows
 
 

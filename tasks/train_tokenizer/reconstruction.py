@@ -8,24 +8,22 @@ PNG files they would be saved as; rFID uses clean-fid's Inception features of th
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from models.inception import InceptionFeatures
-from models.metrics import extract_features, feature_statistics, fid_from_statistics, psnr, ssim
+from models.metrics import extract_features, feature_statistics, fid_from_statistics, low_rank_frechet_distance, psnr, ssim
 from models.quantizers import codebook_stats
 from models.tokenizer import Tokenizer
-from tasks.store import TableRecord, temporary_path
+from tasks.store import TableRecord
+from tasks.tables import write_parquet_atomic
 from tasks.train_tokenizer.data import Batch
 from tasks.training.loop import autocast
 
@@ -103,25 +101,12 @@ def evaluate_reconstructions(
 
 
 def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
-    """FID between two feature sets [N, D]; equals clean-fid's `frechet_distance` of their statistics.
-
-    With fewer samples than feature dimensions (the usual case for a validation set scored on
-    CPU) both covariances have rank < N, and the non-zero eigenvalues of S1 S2 are those of an
-    N1 x N1 matrix built from the centred features: that gives the same trace of sqrtm(S1 S2)
-    in milliseconds instead of a 2048 x 2048 matrix square root (a minute on 2 CPU cores).
+    """rFID between two feature sets [N, D]: clean-fid's routine when both sets fill the feature space,
+    otherwise the exact low-rank form (the usual case for a validation set scored on CPU).
     """
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-    n1, n2, dim = len(real), len(fake), real.shape[1]
-    if min(n1, n2) > dim:
+    if min(len(real), len(fake)) > real.shape[1]:
         return fid_from_statistics(*feature_statistics(real), *feature_statistics(fake))
-    x, y = real - real.mean(0), fake - fake.mean(0)
-    cross = x @ y.T  # eig((X^T X)(Y^T Y)) \ {0} = eig((X Y^T)(Y X^T))
-    eigenvalues = scipy.linalg.eigvalsh(cross @ cross.T) / ((n1 - 1) * (n2 - 1))
-    trace_sqrt = float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
-    mean_term = float(((real.mean(0) - fake.mean(0)) ** 2).sum())
-    trace_1 = float((x * x).sum() / (n1 - 1))
-    trace_2 = float((y * y).sum() / (n2 - 1))
-    return mean_term + trace_1 + trace_2 - 2 * trace_sqrt
+    return low_rank_frechet_distance(real, fake)
 
 
 def reconstruction_grid(real: torch.Tensor, fake: torch.Tensor, per_row: int = 8) -> torch.Tensor:
@@ -161,10 +146,6 @@ def write_report(report: ReconstructionReport, directory: Path, grid_name: str) 
         },
         schema=RECONSTRUCTIONS_SCHEMA,
     )
-    path = directory / "reconstructions" / "part-00000.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_parquet_atomic(table, directory / "reconstructions" / "part-00000.parquet")
     return TableRecord(glob="reconstructions/*.parquet", rows=count,
                        columns={f.name: str(f.type) for f in RECONSTRUCTIONS_SCHEMA})

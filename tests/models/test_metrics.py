@@ -17,6 +17,7 @@ from models.metrics import (
     feature_statistics,
     fid_from_statistics,
     inception_score,
+    low_rank_frechet_distance,
     precision_recall,
     psnr,
     ssim,
@@ -87,6 +88,17 @@ def test_fid_of_gaussian_features():
     assert fid_from_statistics(mu, sigma, mu2, sigma2) == pytest.approx(2.0, abs=1e-6)
     with pytest.raises(ValueError):
         feature_statistics(feats[:1])
+
+
+@pytest.mark.parametrize("dim, n, m", [(16, 50, 40), (32, 12, 20)])
+def test_low_rank_frechet_distance_equals_clean_fid(dim, n, m):
+    rng = np.random.default_rng(dim)
+    real = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim))
+    fake = rng.normal(size=(m, dim)) @ rng.normal(size=(dim, dim)) * 0.8 + 0.5
+    mu_r, sigma_r = feature_statistics(real)
+    expected = fid_from_statistics(mu_r, sigma_r, *feature_statistics(fake))
+    assert low_rank_frechet_distance(real, fake) == pytest.approx(expected, rel=1e-6)
+    assert low_rank_frechet_distance(real.astype(np.float32), fake, mu_r, sigma_r) == pytest.approx(expected, rel=1e-5)
 
 
 def _write_pngs(folder, count=8):

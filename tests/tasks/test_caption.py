@@ -15,11 +15,11 @@ from tasks.caption.read import load_caption_pool, load_captions, load_failures
 from tasks.caption.stage import STAGE, run_caption
 from tasks.config import CaptionConfig, RuntimeConfig
 from tasks.stage import StageContext
-from tasks.store import Store
 
 # The fake Gemini server and test inputs live beside this file (tests are not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_gemini import ingest_artifact
+from helpers import commit_output
 
 CLASSES = ("t-shirt", "sneaker", "bag")
 
@@ -35,21 +35,7 @@ def run(tmp_path, store, manifest, **config):
         work_dir=tmp_path / "work",
     )
     output = run_caption(ctx)
-    committed = store.commit_artifact(
-        "caption",
-        ctx.output_dir,
-        tables=output.tables,
-        config_hash="h" * 64,
-        cache_key="k" * 64,
-        code_version="test",
-        summary=output.summary,
-    )
-    return output, committed
-
-
-@pytest.fixture
-def store(tmp_path):
-    return Store(tmp_path / "store")
+    return output, commit_output(store, ctx, output)
 
 
 def test_stage_declaration():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from tasks.embed_text.read import load_text_embeddings
 from tasks.embed_text.stage import STAGE, run_embed_text
 from tasks.stage import StageContext
 from tasks.store import Store, TableRecord
+
+# Shared test helpers live beside this file (tests are not a package).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import commit_output  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -79,21 +84,7 @@ def run(work: Path, store: Store, captions_manifest, **config):
         work_dir=work,
     )
     output = run_embed_text(ctx)
-    artifact = store.commit_artifact(
-        "embed-text",
-        ctx.output_dir,
-        tables=output.tables,
-        config_hash="h" * 64,
-        cache_key="k" * 64,
-        code_version="test",
-        summary=output.summary,
-    )
-    return output, artifact
-
-
-@pytest.fixture
-def store(tmp_path):
-    return Store(tmp_path / "store")
+    return output, commit_output(store, ctx, output)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from fake_gemini import (
     ingest_artifact,
     png_bytes,
 )
+from helpers import commit_output
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "tok1d-TEST-KEY-7f3a9c1e5b"
@@ -83,21 +84,7 @@ def caption_context(work: Path, store: Store, manifest, gemini: GeminiConfig, **
 def run(work: Path, store: Store, manifest, gemini: GeminiConfig, **config):
     ctx = caption_context(work, store, manifest, gemini, **config)
     output = run_caption(ctx)
-    artifact = store.commit_artifact(
-        "caption",
-        ctx.output_dir,
-        tables=output.tables,
-        config_hash="h" * 64,
-        cache_key="k" * 64,
-        code_version="test",
-        summary=output.summary,
-    )
-    return output, artifact
-
-
-@pytest.fixture
-def store(tmp_path):
-    return Store(tmp_path / "store")
+    return output, commit_output(store, ctx, output)
 
 
 @pytest.fixture(autouse=True)

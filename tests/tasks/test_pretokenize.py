@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -27,7 +23,8 @@ from tasks.train_tokenizer.data import TextSource, decode_images
 from tasks.train_tokenizer.load import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_tokenizer import IMAGES, REPO, build_inputs, tiny_config, train_and_commit  # noqa: E402
+from helpers import commit_output, kill_when_ready  # noqa: E402
+from test_train_tokenizer import IMAGES, build_inputs, tiny_config, train_and_commit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +50,6 @@ def context(store, manifests, tokenizer, work: Path, **config) -> StageContext:
     )
 
 
-def commit(store, ctx, output):
-    return store.commit_artifact(
-        "pretokenize", ctx.output_dir, tables=output.tables, config_hash="h" * 64, cache_key="k" * 64,
-        code_version="test", summary=output.summary,
-    )
-
-
 def test_stage_declaration():
     assert STAGE.name == "pretokenize"
     assert STAGE.inputs == ("ingest", "caption", "embed-text", "train-tokenizer")
@@ -70,7 +60,7 @@ def test_vq_tokens_table(tmp_path, trained):
     store, manifests, vq, _ = trained
     ctx = context(store, manifests, vq, tmp_path / "work")
     output = run_pretokenize(ctx)
-    manifest = commit(store, ctx, output)
+    manifest = commit_output(store, ctx, output)
     images = image_table(manifests["ingest"], store, columns=["image_id", "split", "label_id"])
     summary = output.summary
     assert summary["rows"] == output.tables["tokens"].rows == IMAGES
@@ -122,7 +112,7 @@ def test_kl_text_tokens_are_float16_means(tmp_path, trained):
     store, manifests, _, kl = trained
     ctx = context(store, manifests, kl, tmp_path / "work")
     output = run_pretokenize(ctx)
-    manifest = commit(store, ctx, output)
+    manifest = commit_output(store, ctx, output)
     assert output.summary["decode_check_max_abs_diff"] < 0.02
     assert output.summary["decode_check_token_rel_diff"] < 1e-3
     assert output.tables["tokens"].columns["tokens"] == "list<item: list<item: halffloat>>"
@@ -193,25 +183,11 @@ stage.run_pretokenize(ctx)
 def test_kill_then_resume_writes_every_row_once(tmp_path, trained):
     store, manifests, vq, _ = trained
     inputs = {**manifests, "train-tokenizer": vq}
-    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
     (tmp_path / "inputs.json").write_text(json.dumps({k: m.model_dump(mode="json") for k, m in inputs.items()}))
     work = tmp_path / "killed"
     parts = work / "output" / "tokens"
-    log = open(tmp_path / "kill.log", "wb")
-    child = subprocess.Popen(
-        [sys.executable, str(tmp_path / "kill.py"), str(store.root), str(tmp_path / "inputs.json"), str(work)],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(parts.glob("part-*.parquet"))) < 2:
-            assert child.poll() is None, (tmp_path / "kill.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no token part within 120 s"
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
+    kill_when_ready(tmp_path, KILL_SCRIPT, [str(store.root), str(tmp_path / "inputs.json"), str(work)],
+                    lambda: len(list(parts.glob("part-*.parquet"))) >= 2, "token part", 120)
     written = sorted(p.name for p in parts.glob("part-*.parquet"))
     assert 2 <= len(written) < 6, written  # killed in the middle
 

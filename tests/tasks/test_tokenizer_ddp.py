@@ -3,10 +3,6 @@ batch, and a killed stage takes its workers down and resumes."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +14,7 @@ from safetensors.torch import load_file
 from tasks.config import RuntimeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_tokenizer import REPO, build_inputs, tiny_config, train_and_commit  # noqa: E402
+from test_train_tokenizer import build_inputs, start_and_kill_after_checkpoint, tiny_config, train_and_commit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,26 +88,8 @@ def test_killing_the_stage_stops_its_workers_and_a_rerun_resumes(tmp_path, input
     config = tiny_config("vq", model={"drop_path": 0.0}, loss={"gan_weight": 0.0},
                          train={"steps": 40, "checkpoint_every": 5, "log_every": 5}, eval_images=2, grid_images=2)
     work = tmp_path / "work"
-    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
-    (tmp_path / "inputs.json").write_text(json.dumps({k: m.model_dump(mode="json") for k, m in manifests.items()}))
-    (tmp_path / "config.json").write_text(config.model_dump_json())
-    log = open(tmp_path / "kill.log", "wb")
-    child = subprocess.Popen(
-        [sys.executable, str(tmp_path / "kill.py"), str(store.root), str(tmp_path / "inputs.json"),
-         str(tmp_path / "config.json"), str(work)],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
     latest = work / "checkpoints" / "latest"
-    try:
-        deadline = time.monotonic() + 180
-        while not latest.exists():
-            assert child.poll() is None, (tmp_path / "kill.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
+    start_and_kill_after_checkpoint(tmp_path, store, manifests, config, work, script=KILL_SCRIPT, timeout_s=180)
     # The agent dies with the stage and stops its workers: orphans would train on to step 40.
     deadline = time.monotonic() + 60
     while workers_of(work / "job.json"):

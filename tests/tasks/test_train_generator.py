@@ -103,11 +103,6 @@ def context(store: Store, config: TrainGeneratorConfig, inputs: dict[str, Manife
                         "k" * 64, work)
 
 
-@pytest.fixture
-def store(tmp_path):
-    return Store(tmp_path / "store")
-
-
 @pytest.fixture(autouse=True)
 def restore_threads():
     threads = torch.get_num_threads()

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,9 @@ from tasks.train_tokenizer.reconstruction import frechet_distance
 from tasks.train_tokenizer.stage import STAGE, run_train_tokenizer
 from models.metrics import feature_statistics, fid_from_statistics
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import kill_when_ready  # noqa: E402
+
 IMAGES = 64  # Fashion-MNIST images at 16x16: 2 ingest shards, ~48 train / ~16 val
 
 
@@ -182,28 +180,14 @@ run_train_tokenizer(ctx)
 """
 
 
-def start_and_kill_after_checkpoint(tmp_path: Path, store: Store, manifests, config, work: Path) -> int:
-    """Run the stage in a child process, kill -9 it once a checkpoint exists; returns that step."""
-    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+def start_and_kill_after_checkpoint(tmp_path: Path, store: Store, manifests, config, work: Path,
+                                    script: str = KILL_SCRIPT, timeout_s: int = 120) -> int:
+    """Run the stage (`script`) in a child process, kill -9 it once a checkpoint exists; returns that step."""
     (tmp_path / "inputs.json").write_text(json.dumps({k: m.model_dump(mode="json") for k, m in manifests.items()}))
     (tmp_path / "config.json").write_text(config.model_dump_json())
-    log = open(tmp_path / "kill.log", "wb")
-    child = subprocess.Popen(
-        [sys.executable, str(tmp_path / "kill.py"), str(store.root), str(tmp_path / "inputs.json"),
-         str(tmp_path / "config.json"), str(work)],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
     latest = work / "checkpoints" / "latest"
-    try:
-        deadline = time.monotonic() + 120
-        while not latest.exists():
-            assert child.poll() is None, (tmp_path / "kill.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
+    kill_when_ready(tmp_path, script, [str(store.root), str(tmp_path / "inputs.json"), str(tmp_path / "config.json"),
+                                       str(work)], latest.exists, "checkpoint", timeout_s)
     return int(latest.read_text().strip().split("-")[1])
 
 
