@@ -26,8 +26,8 @@ from models.dit import DiT, DiTConfig  # noqa: E402
 from models.maskgit import MaskGIT, MaskGITConfig  # noqa: E402
 from models.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 from tasks.config import SamplingConfig, TrainGeneratorConfig  # noqa: E402
-from tasks.evaluate.sampling import sample_tokens  # noqa: E402
-from tasks.train_generator.load import Generator  # noqa: E402
+from tasks.train_generator.kinds import KINDS  # noqa: E402
+from tasks.train_generator.read import Generator  # noqa: E402
 
 NUM_CLASSES = 10
 CODEBOOK = 4096
@@ -45,11 +45,11 @@ def build(kind: str, tokens: int, size: str, width: int, depth: int, heads: int,
     if kind == "maskgit":
         model = MaskGIT(MaskGITConfig(vocab_size=CODEBOOK, seq_len=tokens, num_classes=NUM_CLASSES, width=width,
                                       depth=depth, heads=heads))
-        generator = Generator("maskgit", "class", model.to(device).eval(), None, None, info)
+        generator = Generator(KINDS["maskgit"], "class", model.to(device).eval(), None, None, info)
     else:
         model = DiT(DiTConfig(token_dim=TOKEN_DIM, seq_len=tokens, num_classes=NUM_CLASSES, width=width, depth=depth,
                               heads=heads))
-        generator = Generator("dit", "class", model.to(device).eval(), GaussianDiffusion.linear(1000), 1.0, info)
+        generator = Generator(KINDS["dit"], "class", model.to(device).eval(), GaussianDiffusion.linear(1000), 1.0, info)
     return generator, tokenizer
 
 
@@ -70,7 +70,7 @@ def throughput(generator: Generator, tokenizer: Tokenizer, batch: int, repeats: 
         rng = torch.Generator(device=device).manual_seed(repeat)
         _sync(device)
         start = time.perf_counter()
-        tokens = sample_tokens(generator, labels, sampling, rng)
+        tokens = generator.sample(labels, sampling, rng)
         _sync(device)
         sampled = time.perf_counter()
         tokenizer.decode(tokens)

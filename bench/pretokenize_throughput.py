@@ -22,13 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tasks.config import RuntimeConfig, load_config  # noqa: E402
-from tasks.ingest.read import iter_image_batches  # noqa: E402
+from tasks.config import RuntimeConfig  # noqa: E402
+from tasks.presets import load_config  # noqa: E402
+from tasks.embed_text.read import TextSource  # noqa: E402
+from tasks.ingest.read import decode_images, iter_image_batches  # noqa: E402
 from tasks.pretokenize.stage import run_pretokenize  # noqa: E402
-from tasks.stage import StageContext, execute_stage  # noqa: E402
+from tasks.runner import execute_stage  # noqa: E402
+from tasks.stage import StageContext  # noqa: E402
 from tasks.store import Manifest, Store  # noqa: E402
-from tasks.train_tokenizer.data import TextSource, decode_images  # noqa: E402
-from tasks.train_tokenizer.load import load_tokenizer  # noqa: E402
+from tasks.train_tokenizer.read import load_tokenizer  # noqa: E402
 from tasks.train_tokenizer.stage import run_train_tokenizer  # noqa: E402
 
 

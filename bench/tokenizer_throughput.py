@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from models.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
-from tasks.config import load_config  # noqa: E402
+from tasks.presets import load_config  # noqa: E402
 
 # The paper's single-stage TiTok models: (size, latent tokens) with a 4096 x 12 VQ, patch 16.
 PAPER_MODELS = {"TiTok-S-128": ("S", 128), "TiTok-B-64": ("B", 64), "TiTok-L-32": ("L", 32)}

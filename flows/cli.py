@@ -42,11 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what ran, what is cached, what failed")
     status.add_argument("--store", default=DEFAULT_STORE)
     commands.add_parser("presets", help="list the presets in configs/")
-    sweep = commands.add_parser("sweep", help="presets x token counts (x text on/off) through the pipeline; rFID/gFID/PSNR table")
+    sweep = commands.add_parser(
+        "sweep", help="presets x axes (tokens, text on/off, any key) x seeds through the pipeline; "
+                      "mean +- std per point, text on - off paired by seed")
     sweep.add_argument("--presets", required=True, help="comma-separated presets, e.g. fashion-mnist-titok,fashion-mnist-textok")
-    sweep.add_argument("--tokens", required=True, help="comma-separated token counts, e.g. 16,32,64")
+    sweep.add_argument("--tokens", default=None, metavar="N1,N2",
+                       help="sweep train_tokenizer.model.num_latent_tokens, e.g. 16,32,64 (default: each preset's own)")
     sweep.add_argument("--text", default=None, metavar="on,off",
                        help="also sweep train_tokenizer.use_text (default: each preset's own setting)")
+    sweep.add_argument("--seeds", default=None, metavar="S1,S2",
+                       help="run every point once per seed (tokenizer, generator and sampling seeds), e.g. 0,1,2 "
+                            "(default: each preset's own seeds, one run per point)")
+    sweep.add_argument("--axis", dest="axes", action="append", default=[], metavar="KEY=V1,V2",
+                       help="sweep any config key, values parsed like --set values, e.g. "
+                            "--axis ingest.source.shapes.caption_level=class,short,detailed (repeatable)")
+    sweep.add_argument("--until", default="evaluate", metavar="STAGE",
+                       help="run each point up to this stage, e.g. pretokenize (default: %(default)s); "
+                            "metrics of later stages are null")
     sweep.add_argument("--store", default=DEFAULT_STORE)
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
@@ -75,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("tok1d").setLevel(logging.INFO)
 
-    from tasks.config import ConfigError, available_presets, load_config
+    from tasks.config import ConfigError
+    from tasks.presets import available_presets, load_config
 
     if args.command == "presets":
         for name, description in available_presets().items():

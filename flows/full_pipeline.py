@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.pipeline import run_pipeline
-from tasks.config import load_config
+from tasks.presets import load_config
+from tasks.registry import STAGE_ORDER
 from tasks.store import Store
 
 
@@ -35,21 +36,7 @@ def _stage_flow(stage: str):
     return flow(name=f"stage-{stage}")(run_stage)
 
 
-# One flow per stage, for reruns from the CLI, the UI or a deployment.
-ingest_flow = _stage_flow("ingest")
-caption_flow = _stage_flow("caption")
-embed_text_flow = _stage_flow("embed-text")
-train_tokenizer_flow = _stage_flow("train-tokenizer")
-pretokenize_flow = _stage_flow("pretokenize")
-train_generator_flow = _stage_flow("train-generator")
-evaluate_flow = _stage_flow("evaluate")
-
-STAGE_FLOWS = {
-    "ingest": ingest_flow,
-    "caption": caption_flow,
-    "embed-text": embed_text_flow,
-    "train-tokenizer": train_tokenizer_flow,
-    "pretokenize": pretokenize_flow,
-    "train-generator": train_generator_flow,
-    "evaluate": evaluate_flow,
-}
+# One flow per stage of the registry, for reruns from the CLI, the UI or a deployment. They are also
+# module attributes (`ingest_flow`, `embed_text_flow`, ...): the entrypoints deployments name.
+STAGE_FLOWS = {name: _stage_flow(name) for name in STAGE_ORDER}
+globals().update({f"{name.replace('-', '_')}_flow": stage_flow for name, stage_flow in STAGE_FLOWS.items()})

@@ -1,15 +1,21 @@
-"""Image-quality metrics: PSNR, SSIM, FID, Inception Score, precision/recall and CLIP score.
+"""Image-quality metrics: PSNR, SSIM, FID, KID, Inception Score, precision/recall and CLIP score.
 
 Reconstruction metrics (``psnr``, ``ssim``) work on torch tensors in [0, max_val] and return one
 value per image. Distribution metrics work on Inception features gathered by ``extract_features``,
 which follows clean-fid's "clean" mode (uint8 images, PIL bicubic resize to 299 in float,
 (x - 128) / 128), so ``fid_from_statistics`` gives the numbers clean-fid gives on the same images.
+
+Error bars: ``kernel_inception_distance`` (unbiased, mean and std over subsets),
+``bootstrap_interval`` (percentile bootstrap of a mean of per-image values such as PSNR/SSIM) and
+``paired_difference`` (paired t-test across seeds). Report N (and k for precision/recall) with
+every number: FID and precision/recall depend on them.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +160,78 @@ def low_rank_frechet_distance(real: np.ndarray, fake: np.ndarray, mu_real: np.nd
     return float(np.sum((mu_x - fake.mean(axis=0)) ** 2) + trace_x + trace_y - 2 * cross)
 
 
+# ---------------------------------------------------------------- KID
+
+@dataclass(frozen=True)
+class KernelDistance:
+    """KID: mean and (population) std of the unbiased MMD^2 over ``subsets`` random subset pairs."""
+
+    mean: float
+    std: float
+    subsets: int
+    subset_size: int
+
+
+# Up to this many real + fake samples, one kernel matrix of all of them (128 MiB of float64 at
+# 4096) replaces three matmuls per subset: 100 subsets of 1000 then cost index lookups instead
+# of ~1.2 TFLOP of float64 products. Entries are the same products, so the result is the same.
+_KID_GRAM_MAX_SAMPLES = 4096
+
+
+def _as_float64_matrix(features: np.ndarray | Tensor, name: str) -> np.ndarray:
+    if isinstance(features, Tensor):
+        features = features.detach().cpu().numpy()
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"{name} must be a [N,D] feature matrix with N >= 2, got shape {features.shape}")
+    return features
+
+
+def kernel_inception_distance(real_features: np.ndarray | Tensor, fake_features: np.ndarray | Tensor,
+                              num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0) -> KernelDistance:
+    """Kernel Inception Distance (Binkowski et al. 2018), clean-fid's estimator with a std.
+
+    Kernel k(x, y) = (x.y / d + 1)^3. For each of ``num_subsets`` subsets, m = min(n_real, n_fake,
+    max_subset_size) fake and m real rows are drawn without replacement and the unbiased MMD^2
+    (off-diagonal means of k within each set, minus twice the mean of k across) is taken.
+
+    Draws come from ``np.random.RandomState(seed)`` in clean-fid's order (fake subset, then real),
+    so ``mean`` equals ``np.random.seed(seed); cleanfid.fid.kernel_distance(real, fake, ...)``
+    (which returns only the mean and uses the global generator). ``std`` is the population std
+    over subsets, as torch-fidelity and torchmetrics report it. It measures subset-to-subset
+    spread at size m: when both sets have m rows every subset is the whole set and std is 0,
+    which says nothing about the error of the estimate; use max_subset_size < N for a spread.
+    """
+    real = _as_float64_matrix(real_features, "real_features")
+    fake = _as_float64_matrix(fake_features, "fake_features")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake features differ in dimension: {real.shape[1]} vs {fake.shape[1]}")
+    if num_subsets < 1 or max_subset_size < 2:
+        raise ValueError(f"need num_subsets >= 1 and max_subset_size >= 2, got {num_subsets} and {max_subset_size}")
+    d = real.shape[1]
+    m = min(len(real), len(fake), max_subset_size)
+    rng = np.random.RandomState(seed)
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    gram = None
+    if len(real) + len(fake) <= _KID_GRAM_MAX_SAMPLES:
+        both = np.concatenate([fake, real])  # fake rows first, then real rows
+        gram = kernel(both, both)
+    values = np.empty(num_subsets)
+    for i in range(num_subsets):
+        fake_idx = rng.choice(len(fake), m, replace=False)
+        real_idx = rng.choice(len(real), m, replace=False)
+        if gram is not None:
+            real_idx = real_idx + len(fake)
+            k_ff, k_rr, k_fr = (gram[np.ix_(a, b)] for a, b in
+                                ((fake_idx, fake_idx), (real_idx, real_idx), (fake_idx, real_idx)))
+        else:
+            x, y = fake[fake_idx], real[real_idx]
+            k_ff, k_rr, k_fr = kernel(x, x), kernel(y, y), kernel(x, y)
+        within = k_ff.sum() - np.trace(k_ff) + k_rr.sum() - np.trace(k_rr)
+        values[i] = within / (m * (m - 1)) - 2 * k_fr.sum() / (m * m)
+    return KernelDistance(mean=float(values.mean()), std=float(values.std()), subsets=num_subsets, subset_size=m)
+
+
 # ---------------------------------------------------------------- Inception Score
 
 def inception_score(logits: np.ndarray | Tensor | None = None, probs: np.ndarray | Tensor | None = None,
@@ -213,6 +291,10 @@ def precision_recall(real_features: np.ndarray | Tensor, fake_features: np.ndarr
     real samples inside the fake manifold. Distances are computed ``chunk_size`` rows at a time,
     so 50k x 50k needs only chunk_size x 50k floats at once. ``device`` defaults to the device of
     tensor inputs (numpy inputs stay on torch's default device).
+
+    Both numbers grow with k and with the number of samples (bigger balls, denser manifolds), so
+    report k, len(real_features) and len(fake_features) with them; Kynkaanniemi et al. use k=3
+    and 50k samples per set.
     """
     real = torch.as_tensor(real_features, dtype=torch.float32, device=device)
     fake = torch.as_tensor(fake_features, dtype=torch.float32, device=device or real.device)
@@ -225,6 +307,91 @@ def precision_recall(real_features: np.ndarray | Tensor, fake_features: np.ndarr
     precision = _inside_manifold(fake, real, real_radii, chunk_size).float().mean().item()
     recall = _inside_manifold(real, fake, fake_radii, chunk_size).float().mean().item()
     return precision, recall
+
+
+# ---------------------------------------------------------------- error bars
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with a confidence interval [low, high] from n values."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    confidence: float = 0.95
+
+
+def _as_finite_vector(values: np.ndarray | Tensor | Sequence[float], name: str, min_n: int = 2) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) < min_n:
+        raise ValueError(f"{name} must be a 1-D array of at least {min_n} values, got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} holds {int((~np.isfinite(values)).sum())} non-finite values; PSNR is inf for "
+                         "identical images: cap it first (e.g. psnr(a, b).clamp(max=100)) or report those apart")
+    return values
+
+
+def bootstrap_interval(values: np.ndarray | Tensor | Sequence[float], resamples: int = 1000,
+                       confidence: float = 0.95, seed: int = 0) -> Interval:
+    """Mean of per-image values (PSNR, SSIM, ...) with a percentile-bootstrap confidence interval.
+
+    Resamples the values with replacement ``resamples`` times (scipy.stats.bootstrap, fixed seed)
+    and takes the (1 - confidence)/2 and (1 + confidence)/2 quantiles of the resampled means.
+    The interval covers sampling of images, not training noise: compare seeds with
+    ``paired_difference``.
+    """
+    from scipy.stats import bootstrap
+
+    x = _as_finite_vector(values, "values")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"need resamples >= 1 and 0 < confidence < 1, got {resamples} and {confidence}")
+    # batch: resample ~4M values at a time, so 50k per-image values do not need 400 MB at once.
+    result = bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=confidence, method="percentile",
+                       vectorized=True, batch=max(1, 4_000_000 // len(x)), rng=np.random.default_rng(seed))
+    ci = result.confidence_interval
+    return Interval(mean=float(x.mean()), low=float(ci.low), high=float(ci.high), n=len(x), confidence=confidence)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of a_i - b_i with a t confidence interval and the two-sided paired t-test p-value."""
+
+    mean: float
+    low: float
+    high: float
+    p_value: float
+    n: int
+    confidence: float = 0.95
+
+
+def paired_difference(a: np.ndarray | Tensor | Sequence[float], b: np.ndarray | Tensor | Sequence[float],
+                      confidence: float = 0.95) -> PairedDifference:
+    """Compare two configurations run with the same seeds: a[i] and b[i] come from seed i.
+
+    Pairing removes the seed-to-seed variation both share, so it detects smaller differences
+    than comparing the two means. Student t with n - 1 degrees of freedom (scipy.stats.ttest_rel);
+    it assumes the differences are roughly normal, which few seeds cannot check. When every
+    difference is equal the spread is 0: p is 0 (or nan if they are all 0) and low == high.
+    """
+    from scipy.stats import ttest_rel
+
+    x, y = _as_finite_vector(a, "a"), _as_finite_vector(b, "b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired_difference needs one b per a (same seeds), got {len(x)} and {len(y)} values")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    with warnings.catch_warnings():
+        # Zero spread: scipy warns about catastrophic cancellation and returns the limits we document.
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        result = ttest_rel(x, y)
+        ci = result.confidence_interval(confidence_level=confidence)
+    mean = float((x - y).mean())
+    low, high = (float(ci.low), float(ci.high)) if np.isfinite(ci.low) else (mean, mean)
+    return PairedDifference(mean=mean, low=low, high=high, p_value=float(result.pvalue), n=len(x),
+                            confidence=confidence)
 
 
 # ---------------------------------------------------------------- CLIP score

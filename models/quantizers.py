@@ -1,12 +1,16 @@
-"""Bottlenecks for 1D tokenizers: an l2-normalised vector quantizer (TiTok) and a diagonal
-Gaussian KL bottleneck (TexTok's continuous tokens).
+"""Bottlenecks for 1D tokenizers, one class per `TokenizerConfig.bottleneck`: an l2-normalised
+vector quantizer (TiTok, "vq") and a diagonal Gaussian KL bottleneck (TexTok's continuous
+tokens, "kl"), both implementing `Bottleneck`; `BOTTLENECKS` is the name -> class table.
 
-Both take encoder outputs of shape [B, N, C] and return
+Each takes encoder outputs of shape [B, N, input_dim(token_dim)] and returns
 ``(latents_for_decoder, tokens, losses, stats)``. All state lives in parameters and
 registered buffers so the modules behave identically under DDP.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -19,7 +23,39 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class VectorQuantizer(nn.Module):
+class Bottleneck(nn.Module, ABC):
+    """What the tokenizer needs from a bottleneck: its input width, how to build it from the
+    config, the encode step (`forward`) and the decode step from tokens (`latents`).
+
+    The tokenizer registers it as ``quantizer``, so its parameters and buffers appear in the
+    state dict as ``quantizer.*``.
+    """
+
+    #: True when tokens are integer ids ([B, N] long), False when they are vectors [B, N, D].
+    discrete: ClassVar[bool]
+
+    @classmethod
+    @abstractmethod
+    def input_dim(cls, token_dim: int) -> int:
+        """Width of the encoder projection feeding this bottleneck."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Any) -> Bottleneck:
+        """The bottleneck for a tokenizer config (reads only the fields it needs)."""
+
+    @abstractmethod
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """h: [B, N, input_dim] -> (decoder latents [B, N, token_dim], tokens, weighted losses,
+        detached stats)."""
+
+    @abstractmethod
+    def latents(self, tokens: Tensor, num_tokens: int) -> Tensor:
+        """Tokens as returned by `forward` -> decoder latents [B, num_tokens, token_dim];
+        raises ValueError on a wrong token shape."""
+
+
+class VectorQuantizer(Bottleneck):
     """Nearest-neighbour lookup by cosine similarity with a straight-through estimator.
 
     Both the encoder output and the codebook are l2-normalised before the lookup, so the
@@ -27,6 +63,16 @@ class VectorQuantizer(nn.Module):
     not been picked for ``dead_code_restart_steps`` consecutive training steps is
     re-initialised from a random encoder output of the current batch.
     """
+
+    discrete = True
+
+    @classmethod
+    def input_dim(cls, token_dim: int) -> int:
+        return token_dim
+
+    @classmethod
+    def from_config(cls, config: Any) -> VectorQuantizer:
+        return cls(config.codebook_size, config.token_dim, config.commitment, config.dead_code_restart_steps)
 
     def __init__(self, codebook_size: int, token_dim: int, commitment: float = 0.25,
                  dead_code_restart_steps: int = 0):
@@ -57,6 +103,12 @@ class VectorQuantizer(nn.Module):
         if ids.dtype != torch.long:
             raise ValueError(f"VQ token ids must be torch.long, got {ids.dtype}")
         return F.embedding(ids, self.normalized_codebook())
+
+    def latents(self, tokens: Tensor, num_tokens: int) -> Tensor:
+        """Token ids [B, num_tokens] -> unit-norm code vectors (the decoder's input)."""
+        if tokens.ndim != 2 or tokens.shape[1] != num_tokens:
+            raise ValueError(f"vq decode expects ids [B, {num_tokens}], got {tuple(tokens.shape)}")
+        return self.embed(tokens)
 
     @torch.no_grad()
     def _restart_dead_codes(self, z_flat: Tensor) -> None:
@@ -111,13 +163,23 @@ def codebook_stats(ids: Tensor, codebook_size: int) -> dict[str, Tensor]:
     return {"codebook_usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
 
 
-class KLBottleneck(nn.Module):
+class KLBottleneck(Bottleneck):
     """Diagonal Gaussian bottleneck: the input holds mean and log-variance (2 * token_dim).
 
     Training samples with the reparameterisation trick; eval returns the mean, so encoding
     is deterministic at inference. The KL to N(0, I) is summed over tokens and channels,
     averaged over the batch and scaled by ``kl_weight`` (the LDM convention).
     """
+
+    discrete = False
+
+    @classmethod
+    def input_dim(cls, token_dim: int) -> int:
+        return 2 * token_dim  # mean and log-variance
+
+    @classmethod
+    def from_config(cls, config: Any) -> KLBottleneck:
+        return cls(config.token_dim, config.kl_weight)
 
     def __init__(self, token_dim: int, kl_weight: float = 1e-6):
         super().__init__()
@@ -139,3 +201,16 @@ class KLBottleneck(nn.Module):
             loss = self.kl_weight * kl.sum(dim=(1, 2)).mean()
             stats = {"kl_per_dim": kl.mean().detach(), "posterior_std": std.mean().detach()}
         return z, z, {"kl": loss}, stats
+
+    def latents(self, tokens: Tensor, num_tokens: int) -> Tensor:
+        """Continuous tokens [B, num_tokens, token_dim] are the decoder latents themselves."""
+        if tokens.ndim != 3 or tokens.shape[1:] != (num_tokens, self.token_dim):
+            raise ValueError(f"kl decode expects [B, {num_tokens}, {self.token_dim}], got {tuple(tokens.shape)}")
+        return tokens
+
+
+# TokenizerConfig.bottleneck -> implementation.
+BOTTLENECKS: dict[str, type[Bottleneck]] = {
+    "vq": VectorQuantizer,
+    "kl": KLBottleneck,
+}

@@ -2,10 +2,11 @@
 conditioning (Language-Guided Image Tokenization).
 
 Encoder: [patch embeddings, (text tokens), latent tokens] -> ViT -> keep the latent tokens
--> linear to the bottleneck (VQ ids or KL Gaussian). Decoder: [mask token per patch,
-(text tokens), projected latent tokens] -> ViT -> keep the patch positions -> linear to
-pixels -> unpatchify. All tensors are batch-first; attention is timm's Block, which calls
-F.scaled_dot_product_attention (padded text tokens are masked out as attention keys).
+-> linear to the bottleneck (VQ ids or KL Gaussian: `BOTTLENECKS` in models/quantizers.py).
+Decoder: [mask token per patch, (text tokens), projected latent tokens] -> ViT -> keep the
+patch positions -> linear to pixels -> unpatchify. All tensors are batch-first; attention is
+timm's Block, which calls F.scaled_dot_product_attention (padded text tokens are masked out
+as attention keys).
 
 Images are in [0, 1]; the encoder centres them to [-1, 1] and the decoder maps back, so the
 reconstruction has the input's range (not clamped). Without centring the patch embeddings of
@@ -22,7 +23,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
-from models.quantizers import KLBottleneck, VectorQuantizer
+from models.quantizers import BOTTLENECKS, Bottleneck
 
 # size name -> (width, depth, heads)
 TOKENIZER_SIZES: dict[str, tuple[int, int, int]] = {
@@ -41,7 +42,7 @@ class TokenizerConfig:
     patch_size: int = 16
     size: str = "B"  # key of TOKENIZER_SIZES
     num_latent_tokens: int = 64
-    bottleneck: str = "vq"  # "vq" | "kl"
+    bottleneck: str = "vq"  # key of models.quantizers.BOTTLENECKS: "vq" | "kl"
     codebook_size: int = 4096
     token_dim: int = 12
     commitment: float = 0.25
@@ -61,8 +62,8 @@ class TokenizerConfig:
             raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
         if not 8 <= self.num_latent_tokens <= 256:
             raise ValueError(f"num_latent_tokens={self.num_latent_tokens} must be in [8, 256]")
-        if self.bottleneck not in ("vq", "kl"):
-            raise ValueError(f"bottleneck={self.bottleneck!r}; choose 'vq' or 'kl'")
+        if self.bottleneck not in BOTTLENECKS:
+            raise ValueError(f"TokenizerConfig.bottleneck={self.bottleneck!r}; known: {sorted(BOTTLENECKS)}")
         if self.token_dim < 1:
             raise ValueError(f"token_dim must be >= 1, got {self.token_dim}")
         if not 0.0 <= self.drop_path < 1.0:
@@ -153,7 +154,8 @@ def _sequence_with_text(parts: list[Tensor], text: Tensor | None, text_mask: Ten
 
 
 class Tokenizer(nn.Module):
-    """TiTok-style 1D tokenizer with a VQ or KL bottleneck and optional in-context text."""
+    """TiTok-style 1D tokenizer with a pluggable bottleneck (`BOTTLENECKS`: VQ or KL) and
+    optional in-context text."""
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()
@@ -170,13 +172,9 @@ class Tokenizer(nn.Module):
         self.latent_tokens = nn.Parameter(torch.zeros(1, n_latent, width))
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, n_latent, width))
         self.encoder = Transformer(width, depth, heads, config.mlp_ratio, config.drop_path)
-        bottleneck_in = config.token_dim * (2 if config.bottleneck == "kl" else 1)
-        self.to_bottleneck = nn.Linear(width, bottleneck_in)
-        if config.bottleneck == "vq":
-            self.quantizer: nn.Module = VectorQuantizer(config.codebook_size, config.token_dim,
-                                                        config.commitment, config.dead_code_restart_steps)
-        else:
-            self.quantizer = KLBottleneck(config.token_dim, config.kl_weight)
+        bottleneck = BOTTLENECKS[config.bottleneck]
+        self.to_bottleneck = nn.Linear(width, bottleneck.input_dim(config.token_dim))
+        self.quantizer: Bottleneck = bottleneck.from_config(config)
 
         # Decoder
         self.decoder_embed = nn.Linear(config.token_dim, width)
@@ -207,7 +205,8 @@ class Tokenizer(nn.Module):
 
     @property
     def is_discrete(self) -> bool:
-        return self.config.bottleneck == "vq"
+        """True when tokens are ids [B, N] (vq), False when they are vectors [B, N, token_dim] (kl)."""
+        return self.quantizer.discrete
 
     def _check_text(self, conditioner: TextConditioner | None, text: Tensor | None,
                     text_mask: Tensor | None, where: str) -> None:
@@ -270,17 +269,8 @@ class Tokenizer(nn.Module):
 
     def decode(self, tokens: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
         """tokens (ids [B, N] for vq, [B, N, token_dim] for kl) -> images [B, C, H, W]."""
-        c = self.config
         self._check_text(self.decoder_text, text, text_mask, "decode")
-        if self.is_discrete:
-            if tokens.ndim != 2 or tokens.shape[1] != c.num_latent_tokens:
-                raise ValueError(f"vq decode expects ids [B, {c.num_latent_tokens}], got {tuple(tokens.shape)}")
-            latents = self.quantizer.embed(tokens)
-        else:
-            if tokens.ndim != 3 or tokens.shape[1:] != (c.num_latent_tokens, c.token_dim):
-                raise ValueError(f"kl decode expects [B, {c.num_latent_tokens}, {c.token_dim}], "
-                                 f"got {tuple(tokens.shape)}")
-            latents = tokens
+        latents = self.quantizer.latents(tokens, self.config.num_latent_tokens)
         return self._decode(latents, text, text_mask)
 
     def forward(self, images: Tensor, text: Tensor | None = None,

@@ -1,4 +1,4 @@
-"""Cache keys of stage runs, verified cache hits, and the Prefect cache policy built on them.
+"""Cache keys of stage runs and verified cache hits (the Prefect cache policy in flows/ uses them).
 
 A stage's cache key = stage name + stage code version + hash of its config section + the
 artifact ids of its input manifests. A key can own several *slots*: when the artifact a slot
@@ -9,41 +9,15 @@ cache record lives apart from our files).
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
-from prefect.cache_policies import CachePolicy
-from prefect.context import TaskRunContext
-
-from tasks.hashing import hash_value, sha256_file
+from tasks.hashing import hash_value
 from tasks.store import Manifest, Store
 
-# Bump to invalidate every cached stage output at once (e.g. after a change of store layout).
-STORE_FORMAT_VERSION = "1"
 MAX_SLOTS = 1000
-
-
-@lru_cache(maxsize=None)
-def code_version(modules: tuple[str, ...]) -> str:
-    """Hash of the source files of the given modules (a package counts with all its files).
-
-    Editing a helper a stage calls must invalidate its cache, which Prefect's TASK_SOURCE
-    policy does not do; so each stage names the modules its output depends on.
-    """
-    digests = [STORE_FORMAT_VERSION]
-    for module in modules:
-        spec = importlib.util.find_spec(module)
-        if spec is None or spec.origin is None:
-            raise ValueError(f"stage code module {module!r} cannot be found")
-        origin = Path(spec.origin)
-        paths = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
-        for path in paths:
-            digests.append(f"{module}:{path.name}:{sha256_file(path)}")
-    return hash_value(digests)[:16]
 
 
 @lru_cache(maxsize=1)
@@ -101,24 +75,3 @@ def resolve_slot(store: Store, stage: str, key: str) -> CacheSlot:
         if manifest is not None and complete and not manifest.problems(store):
             return CacheSlot(key, slot, manifest)
     raise RuntimeError(f"{stage}: {MAX_SLOTS} invalidated cache slots for key {key}; clean {store.root / 'cache'}")
-
-
-@dataclass
-class StageCachePolicy(CachePolicy):
-    """Prefect cache policy: the verified slot key of the stage run the task would perform.
-
-    The task's parameters must include `stage` (name), `section` (config section), `inputs`
-    (manifests) and `store_root`; see tasks/stage.py.
-    """
-
-    def compute_key(
-        self,
-        task_ctx: TaskRunContext,
-        inputs: dict[str, Any],
-        flow_parameters: dict[str, Any],
-        **kwargs: Any,
-    ) -> str | None:
-        from tasks.stage import plan_stage_run  # the stage table imports every stage module
-
-        plan = plan_stage_run(inputs["stage"], inputs["section"], inputs["inputs"], Store(inputs["store_root"]))
-        return f"tok1d-{inputs['stage']}-{plan.slot.slot_key}"

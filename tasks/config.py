@@ -1,4 +1,5 @@
-"""Typed pipeline configuration: YAML presets + `--set key=value` overrides -> `PipelineConfig`.
+"""Typed config sections of the pipeline's stages (tasks/presets.py assembles them into a run's
+`PipelineConfig` from the stage registry).
 
 Every section is a strict pydantic model: unknown keys and wrong types are rejected with a
 message naming the dotted key. The hash of a stage's section is part of that stage's cache key.
@@ -8,18 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
 from models.tokenizer import TokenizerConfig
 from models.tokenizer_loss import TokenizerLossConfig
 from tasks.hashing import hash_value
-
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-
 
 class ConfigError(ValueError):
     """A preset or override that does not describe a valid pipeline configuration."""
@@ -69,10 +65,58 @@ def section_from_dataclass(
 # --------------------------------------------------------------------------- ingest
 
 
+# The longest detailed caption of 8 objects is 70 words; a 9th object would pass TexTok's
+# 75-word caption limit (see tasks/ingest/sources/shapes_caption.py).
+MAX_OBJECTS = 8
+
+
+class ShapesConfig(Section):
+    """Scenes of coloured shapes on a 3x3 grid (ingest.source.kind=shapes), captioned from what
+    was drawn. Image i is a pure function of (seed, i): any `num_images` prefix of a seed is the same.
+    """
+
+    num_images: int = 6000
+    seed: int = 0
+    # Drawn at `resolution * supersample` and box-filtered down, for antialiased edges. Set it
+    # to ingest.resolution: ingest would resample any other size (and blur the edges).
+    resolution: int = 32
+    supersample: int = 4
+    # Objects per scene, uniform in [min_objects, max_objects]; one per grid cell.
+    min_objects: int = 1
+    max_objects: int = 4
+    # class: the object count ("three objects", also the label); short: the objects' colours
+    # and shapes; detailed: each object's size, colour, shape and cell, plus the background.
+    caption_level: Literal["class", "short", "detailed"] = "detailed"
+    # Largest shift of an object's centre from its cell centre, as a fraction of the cell side;
+    # never so far that the object leaves its cell. Varies scenes beyond what captions say.
+    jitter: float = 0.1
+    # Standard deviation of Gaussian pixel noise (0-255 scale) added after drawing; 0 = none.
+    noise_std: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShapesConfig":
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        if self.resolution < 12:
+            raise ValueError(f"resolution must be >= 12 (3 grid cells of >= 4 pixels), got {self.resolution}")
+        if self.supersample < 1:
+            raise ValueError(f"supersample must be >= 1, got {self.supersample}")
+        if not 1 <= self.min_objects <= self.max_objects <= MAX_OBJECTS:
+            raise ValueError(
+                f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS} (longer captions pass 75 words), "
+                f"got min_objects={self.min_objects}, max_objects={self.max_objects}"
+            )
+        if not 0.0 <= self.jitter <= 0.5:
+            raise ValueError(f"jitter must be within [0, 0.5] of a cell, got {self.jitter}")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        return self
+
+
 class SourceConfig(Section):
     """Where images come from."""
 
-    kind: Literal["fashion-mnist", "tuxpaint", "folder", "huggingface"] = "fashion-mnist"
+    kind: Literal["fashion-mnist", "tuxpaint", "folder", "huggingface", "shapes"] = "fashion-mnist"
     # Directory of the source; None = the kind's default location.
     path: str | None = None
     # Hugging Face dataset (kind=huggingface, or kind=fashion-mnist when the idx files are absent).
@@ -85,6 +129,8 @@ class SourceConfig(Section):
     max_images: int | None = None
     # Tux Paint ships SVG stamps; rasterise them (cairosvg) or set them aside as rejects.
     rasterize_svg: bool = True
+    # kind=shapes: the procedural scenes and their captions.
+    shapes: ShapesConfig = ShapesConfig()
 
 
 class IngestConfig(Section):
@@ -195,8 +241,11 @@ class TrainTokenizerConfig(Section):
     lpips_path: str | None = None
     discriminator_lr: float | None = None  # None = train.lr
     hflip: bool = False
-    # Validation images for PSNR / SSIM / rFID at the end (0 = the whole validation split).
+    # Validation images for PSNR / SSIM at the end (0 = the whole validation split).
     eval_images: int = 1000
+    # rFID / rKID on the first this many of them (0 = all eval images; -1 = none). Each costs one
+    # Inception pass of the reconstruction (the originals' features are cached by content).
+    fid_images: int = 1000
     eval_batch_size: int = 64
     grid_images: int = 8
 
@@ -269,126 +318,3 @@ class RuntimeConfig(Section):
     processes: int | None = None
     # DataLoader-style decoding workers for image batches (0 = in the training process).
     data_workers: int = 0
-
-
-STAGE_ORDER = ("ingest", "caption", "embed-text", "train-tokenizer", "pretokenize", "train-generator", "evaluate")
-
-
-class PipelineConfig(Section):
-    name: str
-    description: str = ""
-    stages: list[str] = list(STAGE_ORDER[:3])
-    runtime: RuntimeConfig = RuntimeConfig()
-    ingest: IngestConfig = IngestConfig()
-    caption: CaptionConfig = CaptionConfig()
-    embed_text: EmbedTextConfig = EmbedTextConfig()
-    train_tokenizer: TrainTokenizerConfig = TrainTokenizerConfig()
-    pretokenize: PretokenizeConfig = PretokenizeConfig()
-    train_generator: TrainGeneratorConfig = TrainGeneratorConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-
-    def section(self, stage: str) -> Section:
-        return getattr(self, stage.replace("-", "_"))
-
-
-# --------------------------------------------------------------------------- presets
-
-
-def available_presets() -> dict[str, str]:
-    """Preset name -> description, for `tok1d presets`."""
-    presets = {}
-    for path in sorted(CONFIGS_DIR.glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text()) or {}
-        presets[path.stem] = raw.get("description", "")
-    return presets
-
-
-def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIGS_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        known = ", ".join(available_presets())
-        raise ConfigError(f"unknown preset {name_or_path!r}: no file {path} (known presets: {known})")
-    if str(path) in seen:
-        raise ConfigError(f"preset {path} extends itself through {' -> '.join(seen)}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"preset {path} must be a YAML mapping")
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    base = _load_raw(parent, (*seen, str(path)))
-    return _deep_merge(base, raw)
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], typed value). Values are parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.path=value")
-    key, raw_value = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key part")
-    value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    if isinstance(value, str):
-        # YAML 1.1 reads "1e-4" as a string; users mean a number.
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
-    # Stage names use dashes (embed-text); their config sections use underscores.
-    parts = key.split(".")
-    parts[0] = parts[0].replace("-", "_")
-    return parts, value
-
-
-def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
-    node = raw
-    for depth, part in enumerate(path[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
-        elif item["type"] == "missing":
-            lines.append(f"{key}: required key is missing")
-        else:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
-    return "; ".join(lines)
-
-
-def load_config(preset: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Load a preset (name in configs/ or a YAML path), apply overrides, validate."""
-    raw = _load_raw(preset)
-    raw.setdefault("name", Path(preset).stem)
-    for text in overrides:
-        path, value = parse_override(text)
-        apply_override(raw, path, value)
-    try:
-        config = PipelineConfig.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(f"invalid configuration for preset {preset!r}: {_describe(error)}") from None
-    unknown = [stage for stage in config.stages if stage not in STAGE_ORDER]
-    if unknown:
-        raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
-    return config

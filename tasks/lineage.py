@@ -21,11 +21,12 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow as pa
 
+from tasks.measurement import read_measurements
 from tasks.secrets import redact
 from tasks.store import Manifest, Store
 from tasks.tables import write_parquet_atomic
 
-VIEWS_VERSION = "2"
+VIEWS_VERSION = "3"
 
 _TS = pa.timestamp("us", tz="UTC")
 SCHEMAS: dict[str, pa.Schema] = {
@@ -99,6 +100,14 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("artifact_id", pa.string()),
             ("name", pa.string()),
             ("value", pa.float64()),
+            # The protocol (tasks/measurement.py); null for plain summary numbers (step counts...).
+            ("n", pa.int64()),
+            ("implementation", pa.string()),
+            ("reference", pa.string()),
+            ("seed", pa.int64()),
+            ("std", pa.float64()),
+            ("ci_low", pa.float64()),
+            ("ci_high", pa.float64()),
             ("event_time", _TS),
         ]
     ),
@@ -337,20 +346,16 @@ def record_stage_event(
                 for record in output.files
             ],
         )
-    numeric = {k: float(v) for k, v in output.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    append(
-        store,
-        "metrics",
-        [
-            dict(
-                stage_run_id=stage_run_id,
-                run_id=run_id,
-                stage=stage,
-                artifact_id=output.artifact_id,
-                name=name,
-                value=value,
-                event_time=event_time,
-            )
-            for name, value in sorted(numeric.items())
-        ],
-    )
+    rows = {
+        name: dict(name=name, value=float(value))
+        for name, value in output.summary.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    for name, measured in read_measurements(output.summary).items():
+        # A measured metric replaces the bare number of the same name: one row, with its protocol.
+        rows[name] = dict(name=name, value=measured.value, n=measured.n, implementation=measured.implementation,
+                          reference=measured.reference, seed=measured.seed, std=measured.std,
+                          ci_low=measured.low, ci_high=measured.high)
+    common = dict(stage_run_id=stage_run_id, run_id=run_id, stage=stage, artifact_id=output.artifact_id,
+                  event_time=event_time)
+    append(store, "metrics", [{**common, **row} for _, row in sorted(rows.items())])

@@ -1,11 +1,16 @@
-"""Progress of long loops: a bar in the terminal and, inside a Prefect run, a progress artifact."""
+"""Progress of long loops: a bar in the terminal and, while a run UI is attached, its progress view.
+
+The UI is whatever the orchestrator attaches with `attached_ui` (flows/ui.py attaches Prefect's
+artifacts for the duration of a stage task), so nothing under tasks/ imports Prefect.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Protocol
 
 from tqdm.auto import tqdm
 
@@ -16,14 +21,32 @@ _ARTIFACT_INTERVAL_S = 2.0
 _LOG_INTERVAL_S = 30.0
 
 
-def _in_prefect_run() -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
+class RunUI(Protocol):
+    """Where a run shows progress bars and summary tables besides the terminal."""
 
-    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+    def create_progress(self, key: str, description: str, percent: float) -> Any: ...
+
+    def update_progress(self, handle: Any, percent: float) -> None: ...
+
+    def publish_table(self, key: str, description: str, rows: list[dict[str, str]]) -> None: ...
+
+
+_ui: RunUI | None = None
+
+
+@contextmanager
+def attached_ui(ui: RunUI) -> Iterator[None]:
+    """Mirror progress and summaries to `ui` inside the block."""
+    global _ui
+    previous, _ui = _ui, ui
+    try:
+        yield
+    finally:
+        _ui = previous
 
 
 class Progress:
-    """A tqdm bar mirrored to a Prefect progress artifact (rate-limited) when in a run."""
+    """A tqdm bar mirrored (rate-limited) to the attached run UI, if any."""
 
     def __init__(self, stage: str, total: int | None, desc: str, unit: str = "it", initial: int = 0):
         self.stage = stage
@@ -33,15 +56,13 @@ class Progress:
         self.bar = tqdm(total=total, desc=f"{stage}: {desc}", unit=unit, initial=initial, dynamic_ncols=True,
                         mininterval=0.1 if interactive else _LOG_INTERVAL_S)
         self.desc = desc
+        self._ui = _ui
         self._artifact_id = None
         self._last_push = 0.0
-        if _in_prefect_run():
+        if self._ui is not None:
             try:
-                from prefect.artifacts import create_progress_artifact
-
-                self._artifact_id = create_progress_artifact(
-                    progress=self._percent(), key=f"{_slug(stage)}-progress", description=f"{stage}: {desc}"
-                )
+                self._artifact_id = self._ui.create_progress(f"{_slug(stage)}-progress", f"{stage}: {desc}",
+                                                             self._percent())
             except Exception as error:  # the UI is a convenience; never fail the stage over it
                 log.warning("could not create progress artifact: %s", error)
 
@@ -61,9 +82,7 @@ class Progress:
     def _push(self) -> None:
         self._last_push = time.monotonic()
         try:
-            from prefect.artifacts import update_progress_artifact
-
-            update_progress_artifact(self._artifact_id, progress=self._percent())
+            self._ui.update_progress(self._artifact_id, self._percent())
         except Exception as error:
             log.warning("could not update progress artifact: %s", error)
             self._artifact_id = None
@@ -85,13 +104,11 @@ def _slug(text: str) -> str:
 
 
 def publish_summary_table(stage: str, summary: dict[str, Any]) -> None:
-    """A table artifact with a stage's summary, shown in the Prefect UI (no-op outside a run)."""
-    if not _in_prefect_run():
+    """A table with a stage's summary in the attached run UI (no-op without one)."""
+    if _ui is None:
         return
     try:
-        from prefect.artifacts import create_table_artifact
-
         rows = [{"metric": key, "value": str(value)} for key, value in summary.items()]
-        create_table_artifact(table=rows, key=f"{_slug(stage)}-summary", description=f"Summary of {stage}")
+        _ui.publish_table(f"{_slug(stage)}-summary", f"Summary of {stage}", rows)
     except Exception as error:
         log.warning("could not publish summary artifact: %s", error)

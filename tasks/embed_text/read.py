@@ -1,4 +1,4 @@
-"""Reading an `embed-text` artifact into arrays, and looking captions up by id."""
+"""Reading an `embed-text` artifact into arrays, and looking captions (or images) up by id."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from tasks.caption.read import load_captions
 from tasks.embed_text.cache import table_arrays
 from tasks.store import Manifest, Store
 
@@ -75,3 +76,46 @@ def load_text_embeddings(manifest: Manifest, store: Store) -> TextEmbeddings:
         dtype=dtypes.pop(),
         encoder=encoders.pop(),
     )
+
+
+class TextSource:
+    """Each image's caption (from the caption stage) and its text tokens (from embed-text)."""
+
+    def __init__(self, caption_manifest: Manifest, embed_manifest: Manifest, store: Store):
+        captions = load_captions(caption_manifest, store, columns=["image_id", "caption_id"])
+        self.caption_of: dict[str, str] = dict(
+            zip(captions.column("image_id").to_pylist(), captions.column("caption_id").to_pylist())
+        )
+        self.embeddings: TextEmbeddings = load_text_embeddings(embed_manifest, store)
+        if not self.caption_of:
+            raise ValueError(
+                f"use_text is set but caption/{caption_manifest.artifact_id} has no captions; "
+                "set caption.backend to label, dataset or gemini (or use_text: false)"
+            )
+        if len(self.embeddings) == 0 or self.embeddings.dim == 0:
+            raise ValueError(
+                f"use_text is set but embed-text/{embed_manifest.artifact_id} holds no embeddings; "
+                "set embed_text.backend to sentence-transformers or t5 (or use_text: false)"
+            )
+        self.caption_artifact = caption_manifest.artifact_id
+        self.embed_artifact = embed_manifest.artifact_id
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.dim
+
+    @property
+    def max_tokens(self) -> int:
+        return self.embeddings.max_tokens
+
+    def has_caption(self, image_ids: list[str]) -> np.ndarray:
+        return np.fromiter((i in self.caption_of for i in image_ids), bool, len(image_ids))
+
+    def lookup(self, image_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens float32 [B, T, D], mask bool [B, T]) of the images' captions."""
+        try:
+            caption_ids = [self.caption_of[i] for i in image_ids]
+        except KeyError as error:
+            raise KeyError(f"image {error.args[0]} has no caption in caption/{self.caption_artifact}") from None
+        tokens, mask = self.embeddings.lookup(caption_ids)
+        return tokens.float(), mask

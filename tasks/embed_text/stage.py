@@ -24,8 +24,8 @@ from tasks.embed_text.cache import (
     files_fingerprint,
     rows_per_shard,
 )
-from tasks.embed_text.encoders import load_encoder, resolve_model
-from tasks.stage import Stage, StageContext, StageOutput
+from tasks.embed_text.encoders import encoder_class, load_encoder, resolve_model
+from tasks.stage import Stage, StageContext, StageOutput, fixed_inputs
 from tasks.store import Manifest, Store, TableRecord
 from tasks.tables import write_parquet_atomic
 
@@ -76,9 +76,9 @@ class ShardWriter:
 def run_embed_text(ctx: StageContext) -> StageOutput:
     config: EmbedTextConfig = ctx.config
     folder = ctx.output_dir / TABLE
-    if config.backend == "none":
+    if encoder_class(config.backend) is None:  # no text conditioning: nothing to embed
         schema = _write_empty(folder, config)
-        summary = {"captions": 0, "embedded_new": 0, "reused": 0, "encoder": "none", "dim": 0, "max_tokens": config.max_tokens}
+        summary = {"captions": 0, "embedded_new": 0, "reused": 0, "encoder": config.backend, "dim": 0, "max_tokens": config.max_tokens}
         return StageOutput(tables={TABLE: _record(schema, 0)}, summary=summary)
 
     texts = captions_to_embed(ctx.inputs["caption"], ctx.store)
@@ -162,7 +162,7 @@ def _record(schema: pa.Schema, rows: int) -> TableRecord:
 STAGE = Stage(
     name="embed-text",
     description="Per-token and pooled text-encoder embeddings of every caption (store-wide cache)",
-    inputs=("caption",),
-    code=("tasks.embed_text", "tasks.caption.read"),
+    config=EmbedTextConfig,
+    inputs=fixed_inputs("caption"),
     run=run_embed_text,
 )

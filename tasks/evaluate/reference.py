@@ -29,8 +29,9 @@ from typing import Any, Callable, ContextManager
 import numpy as np
 
 from models.inception import InceptionFeatures
-from models.metrics import extract_features, feature_statistics
-from tasks.hashing import hash_value, sha256_file
+from models.metrics import feature_statistics
+from tasks.features import FeatureCache
+from tasks.hashing import hash_value
 from tasks.ingest.read import decode_png, iter_image_batches
 from tasks.store import Manifest, Store, temporary_path
 
@@ -71,14 +72,6 @@ class ReferenceStats:
         return probs / probs.sum(axis=1, keepdims=True)
 
 
-def extractor_id(weights_path: str | Path | None) -> str:
-    """Identity of the feature network: the sha256 of its TorchScript file."""
-    from models.inception import inception_weights_path
-
-    path = Path(weights_path) if weights_path is not None else inception_weights_path()
-    return f"{path.name}:{sha256_file(path)[:16]}"
-
-
 def _first_image(ingest: Manifest, store: Store, split: str) -> np.ndarray:
     for batch in iter_image_batches(ingest, store, 1, split=split, columns=["image"]):
         return decode_png(batch.column("image")[0].as_py())
@@ -117,32 +110,40 @@ def reference_statistics(
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             log.warning("evaluate: unreadable reference statistics %s (%s); computing them again", path, error)
     with (progress or nullcontext)() as bar:
-        stats = compute_reference(ingest, store, split, num_images, net, key, batch_size,
+        stats = compute_reference(ingest, store, split, num_images, net, key, extractor, batch_size,
                                   bar.update if bar is not None else None)
     save_reference(path, stats)
     return stats
 
 
 def compute_reference(
-    ingest: Manifest, store: Store, split: str, num_images: int, net: InceptionFeatures, key: str, batch_size: int,
-    on_images: Callable[[int], None] | None = None,
+    ingest: Manifest, store: Store, split: str, num_images: int, net: InceptionFeatures, key: str, extractor: str,
+    batch_size: int, on_images: Callable[[int], None] | None = None,
 ) -> ReferenceStats:
     COMPUTED.append(key)
     labels: list[np.ndarray] = []
-
-    def images():
-        taken = 0
-        for batch in iter_image_batches(ingest, store, batch_size, split=split, columns=["label_id", "image"]):
-            rows = min(batch.num_rows, num_images - taken)
-            labels.append(batch.column("label_id").to_numpy(zero_copy_only=False)[:rows].astype(np.int64))
-            yield np.stack([decode_png(data) for data in batch.column("image").to_pylist()[:rows]])
-            if on_images is not None:  # after the consumer's previous batch went through the network
-                on_images(rows)
-            taken += rows
-            if taken >= num_images:
-                return
-
-    features = extract_features(images(), net, batch_size=batch_size)["pool"]
+    chunks: list[np.ndarray] = []
+    # Features by image content, shared with every other metric on the same images (rFID of the
+    # tokenizer on the val split, another reference size): only images never seen cost a pass.
+    cache = FeatureCache(store, extractor)
+    taken = 0
+    for batch in iter_image_batches(ingest, store, batch_size, split=split, columns=["image_id", "label_id", "image"]):
+        rows = min(batch.num_rows, num_images - taken)
+        ids = batch.column("image_id").to_pylist()[:rows]
+        labels.append(batch.column("label_id").to_numpy(zero_copy_only=False)[:rows].astype(np.int64))
+        if cache.missing(ids):
+            images = np.stack([decode_png(data) for data in batch.column("image").to_pylist()[:rows]])
+            chunks.append(cache.features(ids, images, net, batch_size))
+        else:
+            chunks.append(cache.get(ids))
+        if on_images is not None:
+            on_images(rows)
+        taken += rows
+        if taken >= num_images:
+            break
+    if not chunks:
+        raise ValueError(f"the {split} split has no images; reference statistics need at least 2")
+    features = np.concatenate(chunks)
     if len(features) < num_images:
         log.warning("evaluate: the %s split has only %d images; reference statistics use all of them (asked for %d)",
                     split, len(features), num_images)

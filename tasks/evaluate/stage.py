@@ -8,6 +8,8 @@ goes to the generator and/or the detokenizer.
 Metrics, on Inception features computed clean-fid style (models/metrics.py):
   gfid             FID against the cached reference statistics (evaluate/reference.py) of
                    `reference_images` images of `reference_split`
+  gkid, gkid_std   unbiased KID against the same reference features, std over 100 subsets
+  (each metric's N, feature network, reference and seed go to `metrics` as columns)
   inception_score  exp(E KL(p(y|x) || p(y))) over min(10, N) splits, with
                    is_classifier = "inception-2015-12-05" when `inception_classifier_path` gives
                    the original network with its 1008-way classifier, else
@@ -37,17 +39,18 @@ import torch
 from PIL import Image
 
 from models.inception import InceptionFeatures
-from models.metrics import (clip_score, extract_features, feature_statistics, fid_from_statistics, inception_score,
-                            low_rank_frechet_distance, precision_recall)
+from models.metrics import clip_score, extract_features, inception_score, precision_recall
 from tasks.config import EvaluateConfig
-from tasks.evaluate.reference import extractor_id, reference_statistics
-from tasks.evaluate.sampling import balanced_labels, draw_captions, sample_tokens
+from tasks.evaluate.reference import reference_statistics
+from tasks.features import extractor_id, frechet, kid
+from tasks.measurement import MEASUREMENTS_KEY, Measurement, measurements
+from tasks.evaluate.sampling import balanced_labels, draw_captions
+from tasks.pretokenize.read import token_meta
 from tasks.stage import Stage, StageContext, StageOutput
 from tasks.store import TableRecord, atomic_write_bytes
 from tasks.tables import write_parquet_atomic
-from tasks.train_generator.load import load_generator
-from tasks.train_tokenizer.load import load_tokenizer
-from tasks.train_generator.worker import read_token_meta
+from tasks.train_generator.read import load_generator
+from tasks.train_tokenizer.read import load_tokenizer
 from tasks.training.loop import autocast
 
 log = logging.getLogger("tok1d")
@@ -192,7 +195,7 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
         raise ValueError(f"evaluate.batch_size must be >= 1, got {config.batch_size}")
     generator, generator_info = load_generator(ctx.inputs["train-generator"], store, device)
     pretokenize = ctx.inputs["pretokenize"]
-    meta = read_token_meta(pretokenize, store)
+    meta = token_meta(pretokenize, store)
     if generator_info["tokens_artifact"] != pretokenize.artifact_id:
         raise ValueError(f"the generator was trained on tokens {generator_info['tokens_artifact']}, but evaluate got "
                          f"pretokenize artifact {pretokenize.artifact_id}; run the pipeline's stages together")
@@ -235,8 +238,8 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
             _synchronize(device)
             began = time.perf_counter()
             with torch.no_grad():
-                tokens = sample_tokens(generator, torch.from_numpy(labels[start:stop]), config.sampling, rng,
-                                       *((text, text_mask) if generator.uses_text else ()))
+                tokens = generator.sample(torch.from_numpy(labels[start:stop]), config.sampling, rng,
+                                          *((text, text_mask) if generator.uses_text else ()))
                 with autocast(device, "auto"):
                     decoded = tokenizer.decode(tokens, *((text, text_mask) if tokenizer.uses_text else ()))
                 images = _to_uint8(decoded)
@@ -248,7 +251,8 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
 
     pool = np.concatenate(sink.features["pool"])
     summary: dict[str, Any] = {"num_samples": config.num_samples}
-    summary["gfid"] = _fid(pool, reference) if len(pool) >= 2 else None
+    distances, codes = _distances(pool, reference, config.seed)
+    summary.update(distances)
     summary.update(_inception_score(sink.features, pool, reference))
     k = config.precision_recall_k
     if min(len(pool), reference.count) > k:
@@ -258,6 +262,10 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
         summary["precision"] = summary["recall"] = None
     if clip is not None:
         summary["clip_score"] = clip
+    extractor = extractor_id(config.inception_classifier_path)
+    reference_text = (f"ingest/{ctx.inputs['ingest'].artifact_id} {config.reference_split} split, first "
+                      f"{reference.count} images as ingested (no crop); statistics {reference.key}")
+    summary[MEASUREMENTS_KEY] = _measurements(summary, len(pool), extractor, reference_text, codes, config)
     grid_png = sink.grid.png()
     if grid_png is not None:
         atomic_write_bytes(ctx.output_dir / GRID_FILE, grid_png)
@@ -267,10 +275,10 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
         reference_images=reference.count,
         reference_split=config.reference_split,
         reference_key=reference.key,
-        generator=generator.kind,
+        generator=generator.kind.name,
         conditioning=generator.conditioning,
         text_conditioned=text_conditioned,
-        sampler="maskgit" if generator.discrete else config.sampling.sampler,
+        sampler=generator.kind.sampler(config.sampling),
         sampling_steps=config.sampling.steps,
         guidance_scale=config.sampling.guidance_scale,
     )
@@ -281,12 +289,40 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
     return StageOutput(tables={SAMPLES_TABLE: table}, summary=summary)
 
 
-def _fid(pool: np.ndarray, reference) -> float:
-    """gFID: clean-fid's routine when both sets fill the feature space, the exact low-rank form otherwise."""
-    if min(len(pool), reference.count) > pool.shape[1]:
-        mu, sigma = feature_statistics(pool)
-        return fid_from_statistics(mu, sigma, reference.mu, reference.sigma)
-    return low_rank_frechet_distance(reference.features, pool, reference.mu, reference.sigma)
+def _distances(pool: np.ndarray, reference, seed: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """gFID and gKID (with its std over subsets) against the reference, and how each was computed."""
+    if len(pool) < 2:
+        return {"gfid": None, "gkid": None, "gkid_std": None}, {}
+    gfid, fid_code = frechet(reference.features, pool, reference.mu, reference.sigma)
+    values: dict[str, Any] = {"gfid": gfid, "gkid": None, "gkid_std": None}
+    codes = {"gfid": fid_code}
+    if min(len(pool), reference.count) >= 4:
+        distance, codes["gkid"] = kid(reference.features, pool, seed)
+        values.update(gkid=distance.mean, gkid_std=distance.std)
+    return values, codes
+
+
+def _measurements(summary: dict[str, Any], n: int, extractor: str, reference: str, codes: dict[str, str],
+                  config: EvaluateConfig) -> dict[str, dict[str, Any]]:
+    """The protocol of each generation metric, as its `metrics` row carries it."""
+    seed = config.seed
+    found: dict[str, Measurement] = {}
+    for name in ("gfid", "gkid"):
+        if summary.get(name) is not None:
+            found[name] = Measurement(summary[name], n=n, implementation=f"{extractor} / {codes[name]}",
+                                      reference=reference, seed=seed, std=summary.get(f"{name}_std"))
+    if summary.get("inception_score") is not None:
+        found["inception_score"] = Measurement(summary["inception_score"], n=n, seed=seed,
+                                               std=summary["inception_score_std"],
+                                               implementation=f"{extractor} / {summary['is_classifier']}, "
+                                                              f"{min(10, n)} splits")
+    for name in ("precision", "recall"):
+        if summary.get(name) is not None:
+            found[name] = Measurement(summary[name], n=n, reference=reference, seed=seed,
+                                      implementation=f"{extractor} / k-NN manifolds, k={config.precision_recall_k}")
+    if summary.get("clip_score") is not None:
+        found["clip_score"] = Measurement(summary["clip_score"], n=n, seed=seed, implementation=f"CLIP {config.clip_path}")
+    return measurements(**found)
 
 
 def _inception_score(features: dict[str, list[np.ndarray]], pool: np.ndarray, reference) -> dict[str, Any]:
@@ -301,11 +337,17 @@ def _inception_score(features: dict[str, list[np.ndarray]], pool: np.ndarray, re
             "is_probe_accuracy": reference.probe_accuracy}
 
 
+def evaluate_inputs(config) -> tuple[str, ...]:
+    """Captions and their embeddings only when the generator or the detokenizer reads text."""
+    uses_text = config.train_tokenizer.use_text or config.train_generator.conditioning == "text"
+    text = ("caption", "embed-text") if uses_text else ()
+    return ("ingest", *text, "train-tokenizer", "pretokenize", "train-generator")
+
+
 STAGE = Stage(
     name="evaluate",
     description="Samples from the generator decoded by the tokenizer: gFID, IS, precision/recall, CLIP score",
-    inputs=("ingest", "caption", "embed-text", "train-tokenizer", "pretokenize", "train-generator"),
-    code=("tasks.evaluate", "tasks.train_generator.load", "tasks.train_tokenizer.load", "models.inception",
-          "models.metrics", "models.maskgit", "models.dit", "models.diffusion"),
+    config=EvaluateConfig,
+    inputs=evaluate_inputs,
     run=run_evaluate,
 )

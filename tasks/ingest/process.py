@@ -49,8 +49,8 @@ def _decode(item: Item, config: IngestConfig) -> tuple[str, np.ndarray, tuple[in
     """(image_id, RGB pixels, original (width, height)) of an item."""
     if item.kind == "pixels":
         assert item.data is not None and item.shape is not None
-        grey = np.frombuffer(item.data, dtype=np.uint8).reshape(item.shape)
-        rgb = np.repeat(grey[..., None], 3, axis=2)
+        pixels = np.frombuffer(item.data, dtype=np.uint8).reshape(item.shape)
+        rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
         return hashlib.sha256(item.data).hexdigest(), rgb, (item.shape[1], item.shape[0])
     if item.kind == "hf":
         data = item.data if item.data is not None else _read(item.path or "")

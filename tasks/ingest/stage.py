@@ -35,7 +35,7 @@ from tasks.ingest.tables import (
     write_shard,
 )
 from tasks.progress import Progress
-from tasks.stage import Stage, StageContext, StageOutput
+from tasks.stage import Stage, StageContext, StageOutput, fixed_inputs
 from tasks.store import TableRecord
 
 Outcome = tuple[Item, Accepted | Rejected]
@@ -200,8 +200,8 @@ STAGE = Stage(
         "Hugging Face dataset), reject unusable ones with a reason, deduplicate, split train/val, "
         "and store square RGB PNGs with labels and source captions."
     ),
-    inputs=(),
-    code=("tasks.ingest",),
+    config=IngestConfig,
+    inputs=fixed_inputs(),
     run=run_ingest,
     fingerprint=source_fingerprint,
 )

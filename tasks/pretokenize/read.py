@@ -61,10 +61,19 @@ class TokenTable:
 
 
 def token_meta(manifest: Manifest, store: Store) -> dict[str, Any]:
-    """The artifact's tokens.json (token shape, codebook, classes, text, rows per split)."""
+    """The artifact's tokens.json (token shape, codebook, classes, text, rows per split), checked
+    to hold what readers of the token table rely on."""
     if manifest.stage != "pretokenize":
         raise ValueError(f"expected a pretokenize artifact, got one of stage {manifest.stage!r} ({manifest.artifact_id})")
-    return read_json(manifest.path(store, META_FILE))
+    path = manifest.path(store, META_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretokenize artifact {manifest.artifact_id} has no {META_FILE} at {path}; rerun pretokenize")
+    meta = read_json(path)
+    required = ("discrete", "seq_len", "num_classes") + (("codebook_size",) if meta.get("discrete") else ("token_dim",))
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; rerun the pretokenize stage with the current code")
+    return meta
 
 
 def _dataset(manifest: Manifest, store: Store) -> pads.Dataset:

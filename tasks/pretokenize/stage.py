@@ -30,13 +30,13 @@ import torch
 from models.tokenizer import Tokenizer
 from tasks.caption.read import load_captions
 from tasks.config import PretokenizeConfig
-from tasks.ingest.read import class_names
+from tasks.embed_text.read import TextSource
+from tasks.ingest.read import class_names, decode_images, iter_decoded_images
 from tasks.pretokenize.read import META_FILE, TABLE, decode_tokens, tokens_schema
 from tasks.stage import Stage, StageContext, StageOutput
 from tasks.store import Manifest, Store, TableRecord, write_json
 from tasks.tables import write_parquet_atomic
-from tasks.train_tokenizer.data import TextSource, decode_images, iter_eval_batches
-from tasks.train_tokenizer.load import load_tokenizer
+from tasks.train_tokenizer.read import load_tokenizer
 from tasks.training.loop import autocast
 
 log = logging.getLogger("tok1d")
@@ -81,12 +81,18 @@ class Encoder:
         """Rows this tokenizer can encode: all, or with text those whose image has a caption."""
         return self.text.has_caption(image_ids) if self.text is not None else np.ones(len(image_ids), bool)
 
+    def text_of(self, image_ids: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The caption tokens and mask of the images on the model's device (None, None without text)."""
+        if self.text is None:
+            return None, None
+        text, mask = self.text.lookup(image_ids)
+        return text.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, image_ids: list[str]) -> torch.Tensor:
-        text, mask = self.text.lookup(image_ids) if self.text is not None else (None, None)
-        move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
+        text, mask = self.text_of(image_ids)
         with autocast(self.device, "auto"):
-            tokens, _, _ = self.model.encode(move(images), move(text), move(mask))
+            tokens, _, _ = self.model.encode(images.to(self.device, non_blocking=True), text, mask)
         return tokens if self.discrete else tokens.float()
 
 
@@ -201,7 +207,7 @@ def decode_check(encoder: Encoder, ingest: Manifest, store: Store, token_files: 
     model = encoder.model
     batch = None
     for split in ("val", "train"):
-        batch = next(iter_eval_batches(ingest, store, count, count, split, encoder.text), None)
+        batch = next(iter_decoded_images(ingest, store, count, count, split, encoder.keep), None)
         if batch is not None:
             break
     if batch is None:
@@ -217,10 +223,11 @@ def decode_check(encoder: Encoder, ingest: Manifest, store: Store, token_files: 
     config = model.config
     tokens = decode_tokens(stored.column("tokens"), encoder.discrete, config.num_latent_tokens, config.token_dim)
     tokens = torch.from_numpy(tokens).to(encoder.device)
-    batch = batch.to(encoder.device)
+    images = batch.images.to(encoder.device)
+    text, mask = encoder.text_of(batch.image_ids)
     with autocast(encoder.device, "auto"):
-        reference = model(batch.images, batch.text, batch.text_mask)
-        decoded = model.decode(tokens, batch.text, batch.text_mask)
+        reference = model(images, text, mask)
+        decoded = model.decode(tokens, text, mask)
     diff = (decoded.float().clamp(0, 1) - reference.reconstruction.float().clamp(0, 1)).abs()
     result = {"decode_check_images": float(len(batch.image_ids)), "decode_check_max_abs_diff": float(diff.max())}
     if encoder.discrete:
@@ -265,7 +272,10 @@ def run_pretokenize(ctx: StageContext) -> StageOutput:
             f"pretokenize: the tokenizer expects {info['text']['dim']}-d text embeddings, "
             f"embed-text/{text.embed_artifact} has {text.dim}-d ones; use the embed-text output it was trained with"
         )
-    caption_of = text.caption_of if text is not None else _captions(ctx.inputs["caption"], store)
+    if text is not None:
+        caption_of = text.caption_of
+    else:  # without captions in the run, the table's caption_id is null
+        caption_of = _captions(ctx.inputs["caption"], store) if "caption" in ctx.inputs else {}
     encoder = Encoder(model, text, caption_of)
     schema = tokens_schema(model.is_discrete, model.config.codebook_size)
 
@@ -331,23 +341,23 @@ def _captions(manifest: Manifest, store: Store) -> dict[str, str]:
     return dict(zip(table.column("image_id").to_pylist(), table.column("caption_id").to_pylist()))
 
 
+def pretokenize_inputs(config) -> tuple[str, ...]:
+    """Images and tokenizer; a TexTok also reads the caption embeddings it encodes with, and a
+    text-conditioned generator needs each row's caption id (so then the captions are read too)."""
+    if config.train_tokenizer.use_text:
+        return ("ingest", "caption", "embed-text", "train-tokenizer")
+    if config.train_generator.conditioning == "text":
+        return ("ingest", "caption", "train-tokenizer")
+    return ("ingest", "train-tokenizer")
+
+
 STAGE = Stage(
     name="pretokenize",
     description=(
         "Encode every ingested image with the trained EMA tokenizer into a sharded, resumable `tokens` table "
         "(uint16 ids or float16 KL means) and check that the stored tokens decode back to the reconstructions."
     ),
-    inputs=("ingest", "caption", "embed-text", "train-tokenizer"),
-    code=(
-        "tasks.pretokenize",
-        "tasks.train_tokenizer.load",
-        "tasks.train_tokenizer.data",
-        "tasks.training.loop",
-        "tasks.ingest.read",
-        "tasks.caption.read",
-        "tasks.embed_text.read",
-        "models.tokenizer",
-        "models.quantizers",
-    ),
+    config=PretokenizeConfig,
+    inputs=pretokenize_inputs,
     run=run_pretokenize,
 )

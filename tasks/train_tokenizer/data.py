@@ -1,5 +1,6 @@
-"""Image batches for tokenizer training and evaluation: ingest PNGs -> float images in [0, 1],
-plus, for TexTok, the text-encoder tokens of each image's caption.
+"""Image batches for tokenizer training and evaluation: ingest PNGs -> float images in [0, 1]
+(`tasks.ingest.read`), plus, for TexTok, the text-encoder tokens of each image's caption
+(`tasks.embed_text.read.TextSource`).
 
 Training rows are addressed through the shared `EpochOrder` (over the wanted rows of each ingest
 shard) and read with `ShardCache`, so the order is a function of (seed, epoch) and memory holds
@@ -9,7 +10,6 @@ run flips exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import io
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,11 +19,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
-from tasks.caption.read import load_captions
-from tasks.embed_text.read import TextEmbeddings, load_text_embeddings
-from tasks.ingest.read import iter_image_batches
+from tasks.embed_text.read import TextSource
+from tasks.ingest.read import ImageBatch, decode_images, iter_decoded_images
 from tasks.store import Manifest, Store
 from tasks.training.data import EpochOrder, ShardCache, rank_slice
 
@@ -41,78 +39,15 @@ class Batch:
     text_mask: torch.Tensor | None = None
     label_ids: np.ndarray | None = None
 
+    @classmethod
+    def of(cls, images: ImageBatch, text: TextSource | None) -> "Batch":
+        """Decoded ingest images plus, with `text`, their captions' tokens."""
+        tokens, mask = text.lookup(images.image_ids) if text is not None else (None, None)
+        return cls(images.image_ids, images.images, tokens, mask, images.label_ids)
+
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(self.image_ids, move(self.images), move(self.text), move(self.text_mask), self.label_ids)
-
-
-def _decode_rgb(data: bytes) -> np.ndarray:
-    """A stored PNG -> uint8 [H, W, 3]; ~25% faster than format probing plus an RGB copy."""
-    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-        image.load()
-        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-
-
-def decode_images(pngs: list[bytes], map_fn=map) -> torch.Tensor:
-    """Stored PNGs -> float tensor [B, 3, H, W] in [0, 1]."""
-    arrays = np.stack(list(map_fn(_decode_rgb, pngs)))
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def image_resolution(ingest: Manifest, store: Store) -> int:
-    """Side of the (square) ingested images, read from the first stored image."""
-    for path in ingest.table_files(store, "images"):
-        parquet = pq.ParquetFile(path)
-        if parquet.metadata.num_rows:
-            first = next(parquet.iter_batches(batch_size=1, columns=["image"]))
-            height, width, _ = _decode_rgb(first.column("image")[0].as_py()).shape
-            if height != width:
-                raise ValueError(f"ingest/{ingest.artifact_id} holds {width}x{height} images; tokenizers need square ones")
-            return height
-    raise ValueError(f"ingest/{ingest.artifact_id} has no images; ingest a non-empty source first")
-
-
-class TextSource:
-    """Each image's caption (from the caption stage) and its text tokens (from embed-text)."""
-
-    def __init__(self, caption_manifest: Manifest, embed_manifest: Manifest, store: Store):
-        captions = load_captions(caption_manifest, store, columns=["image_id", "caption_id"])
-        self.caption_of: dict[str, str] = dict(
-            zip(captions.column("image_id").to_pylist(), captions.column("caption_id").to_pylist())
-        )
-        self.embeddings: TextEmbeddings = load_text_embeddings(embed_manifest, store)
-        if not self.caption_of:
-            raise ValueError(
-                f"use_text is set but caption/{caption_manifest.artifact_id} has no captions; "
-                "set caption.backend to label, dataset or gemini (or use_text: false)"
-            )
-        if len(self.embeddings) == 0 or self.embeddings.dim == 0:
-            raise ValueError(
-                f"use_text is set but embed-text/{embed_manifest.artifact_id} holds no embeddings; "
-                "set embed_text.backend to sentence-transformers or t5 (or use_text: false)"
-            )
-        self.caption_artifact = caption_manifest.artifact_id
-        self.embed_artifact = embed_manifest.artifact_id
-
-    @property
-    def dim(self) -> int:
-        return self.embeddings.dim
-
-    @property
-    def max_tokens(self) -> int:
-        return self.embeddings.max_tokens
-
-    def has_caption(self, image_ids: list[str]) -> np.ndarray:
-        return np.fromiter((i in self.caption_of for i in image_ids), bool, len(image_ids))
-
-    def lookup(self, image_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens float32 [B, T, D], mask bool [B, T]) of the images' captions."""
-        try:
-            caption_ids = [self.caption_of[i] for i in image_ids]
-        except KeyError as error:
-            raise KeyError(f"image {error.args[0]} has no caption in caption/{self.caption_artifact}") from None
-        tokens, mask = self.embeddings.lookup(caption_ids)
-        return tokens.float(), mask
 
 
 class TrainImages:
@@ -255,24 +190,6 @@ def iter_eval_batches(
     text: TextSource | None = None,
 ) -> Iterator[Batch]:
     """The first `limit` images of a split (0 = all) in stored order, skipping uncaptioned ones with text."""
-    seen = 0
-    for record in iter_image_batches(ingest, store, batch_size, split=split, columns=["image_id", "label_id", "image"]):
-        image_ids = record.column("image_id").to_pylist()
-        keep = text.has_caption(image_ids) if text is not None else np.ones(len(image_ids), bool)
-        if limit:
-            keep &= np.cumsum(keep) <= limit - seen
-        if not keep.any():
-            if limit and seen >= limit:
-                return
-            continue
-        indices = np.flatnonzero(keep)
-        image_ids = [image_ids[i] for i in indices]
-        pngs = record.column("image").to_pylist()
-        images = decode_images([pngs[i] for i in indices])
-        labels = record.column("label_id").to_numpy().astype(np.int64)[indices]
-        text_tokens, mask = text.lookup(image_ids) if text is not None else (None, None)
-        yield Batch(image_ids, images, text_tokens, mask, labels)
-        seen += len(indices)
-        if limit and seen >= limit:
-            return
-
+    keep = text.has_caption if text is not None else None
+    for images in iter_decoded_images(ingest, store, batch_size, limit, split, keep):
+        yield Batch.of(images, text)

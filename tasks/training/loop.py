@@ -17,11 +17,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from tasks.config import TrainConfig
 from tasks.progress import Progress
 from tasks.store import atomic_write_text
 from tasks.training.checkpoint import CheckpointDir
 from tasks.training.data import EpochOrder, Position, global_batches, rank_slice
 from tasks.training.distributed import Processes, average_gradients, barrier, mean_over_processes
+
+# The folder under a run's work_dir that holds its checkpoints (what a rerun resumes from).
+CHECKPOINT_DIR = "checkpoints"
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -31,6 +35,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one step on one rank: every process draws its own masks and noise, and
+    a resumed run draws exactly what the uninterrupted one drew, whatever RNG state it restored."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def autocast(device: torch.device, precision: str):
@@ -77,11 +87,39 @@ class TrainingRun:
     processes: Processes
     order: EpochOrder
     step_fn: Callable[[np.ndarray, int], dict[str, float]]
-    after_step: Callable[[int], None] | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        stage: str,
+        work_dir: Path,
+        config: TrainConfig,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        processes: Processes,
+        order: EpochOrder,
+        step_fn: Callable[[np.ndarray, int], dict[str, float]],
+    ) -> "TrainingRun":
+        """The run a stage's `train` section describes (steps, batch, schedule, checkpoint and log cadence)."""
+        return cls(
+            stage=stage,
+            work_dir=work_dir,
+            total_steps=config.steps,
+            batch_size=config.batch_size,
+            warmup_steps=config.warmup_steps,
+            min_lr_ratio=config.min_lr_ratio,
+            checkpoint_every=config.checkpoint_every,
+            log_every=config.log_every,
+            modules=modules,
+            optimizers=optimizers,
+            processes=processes,
+            order=order,
+            step_fn=step_fn,
+        )
 
     @property
     def checkpoints(self) -> CheckpointDir:
-        return CheckpointDir(self.work_dir / "checkpoints")
+        return CheckpointDir(self.work_dir / CHECKPOINT_DIR)
 
     @property
     def loss_log(self) -> Path:
@@ -90,9 +128,12 @@ class TrainingRun:
 
 @dataclass
 class TrainingResult:
+    """Where a finished `train` call stands: its last step, the step it resumed from, the loss log."""
+
     steps: int
     resumed_from: int
     history: list[dict[str, float]]
+    loss_log: Path  # the whole run's log (JSON lines), also of the steps before a resume
 
 
 def _read_history(path: Path, up_to_step: int) -> list[dict[str, float]]:
@@ -136,8 +177,6 @@ def train(run: TrainingRun) -> TrainingResult:
                     group["lr"] = group["base_lr"] * factor
             logs = run.step_fn(rank_slice(rows, processes.rank, processes.world), step)
             step += 1
-            if run.after_step is not None:
-                run.after_step(step)
             if step % run.log_every == 0 or step == run.total_steps:
                 logs = mean_over_processes(logs, processes)
                 entry = {"step": step, "lr_factor": factor, **logs}
@@ -156,7 +195,7 @@ def train(run: TrainingRun) -> TrainingResult:
     finally:
         if progress is not None:
             progress.close()
-    return TrainingResult(step, resumed_from, history)
+    return TrainingResult(step, resumed_from, history, run.loss_log)
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:

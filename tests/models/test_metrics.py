@@ -10,14 +10,18 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from models import metrics as metrics_mod
 from models.inception import InceptionFeatures, inception_weights_path
 from models.metrics import (
+    bootstrap_interval,
     clip_score,
     extract_features,
     feature_statistics,
     fid_from_statistics,
     inception_score,
+    kernel_inception_distance,
     low_rank_frechet_distance,
+    paired_difference,
     precision_recall,
     psnr,
     ssim,
@@ -130,7 +134,8 @@ def test_extract_features_equals_cleanfid_folder_features(tmp_path):
     net = InceptionFeatures()
     ours = extract_features([images[:5], images[5:]], net, batch_size=3)
     assert set(ours) == {"pool"} and ours["pool"].shape == (8, 2048)
-    np.testing.assert_allclose(ours["pool"], expected, rtol=1e-4, atol=1e-5)
+    # 1e-4: the folded network (models.inception) rounds differently from the scripted one.
+    np.testing.assert_allclose(ours["pool"], expected, rtol=1e-4, atol=1e-4)
 
     # Our network is also a drop-in custom_feat_extractor for clean-fid.
     custom = get_folder_features(str(tmp_path / "imgs"), model=lambda x: net.forward_clean(x)["pool"], **folder_kwargs)
@@ -139,6 +144,75 @@ def test_extract_features_equals_cleanfid_folder_features(tmp_path):
     # Float tensors in [0,1] are rounded to uint8 like saved PNGs, so they give the same features.
     as_tensor = (torch.from_numpy(images[:2]).permute(0, 3, 1, 2).double() - 0.4) / 255
     np.testing.assert_allclose(extract_features([as_tensor], net)["pool"], expected[:2], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- KID
+
+_MIXING = np.random.default_rng(123).standard_normal((64, 2048)) / 8
+
+
+def _inception_like(rng, n, scale=1.0):
+    """Non-negative, correlated features like Inception pool outputs (averages of ReLUs)."""
+    return np.abs(rng.standard_normal((n, 64)) @ _MIXING) * scale
+
+
+@pytest.mark.parametrize("use_gram", [True, False])
+def test_kid_equals_clean_fid_with_the_same_draws(monkeypatch, use_gram):
+    from cleanfid.fid import kernel_distance
+
+    if not use_gram:  # the per-subset matmul path taken for large sets
+        monkeypatch.setattr(metrics_mod, "_KID_GRAM_MAX_SAMPLES", 0)
+    rng = np.random.default_rng(0)
+    real, fake = _inception_like(rng, 420), _inception_like(rng, 350, scale=1.1)
+    ours = kernel_inception_distance(real, fake, num_subsets=12, max_subset_size=200, seed=5)
+    assert (ours.subsets, ours.subset_size) == (12, 200)
+
+    # clean-fid draws from the global generator: fake subset, then real subset, per subset.
+    np.random.seed(5)
+    assert ours.mean == pytest.approx(kernel_distance(real, fake, num_subsets=12, max_subset_size=200), rel=1e-6)
+    # clean-fid returns no std; one subset per call continues the same global draw sequence.
+    np.random.seed(5)
+    per_subset = [kernel_distance(real, fake, num_subsets=1, max_subset_size=200) for _ in range(12)]
+    assert ours.mean == pytest.approx(np.mean(per_subset), rel=1e-6)
+    assert ours.std == pytest.approx(np.std(per_subset), rel=1e-6) and ours.std > 0
+
+    # A private generator: same seed, same answer, and the global numpy state is not consumed.
+    np.random.seed(9)
+    before = np.random.random()
+    np.random.seed(9)
+    assert kernel_inception_distance(real, fake, num_subsets=12, max_subset_size=200, seed=5) == ours
+    assert np.random.random() == before
+    assert kernel_inception_distance(real, fake, num_subsets=12, max_subset_size=200, seed=6).mean != ours.mean
+
+
+def test_kid_equals_torch_fidelity():
+    """torch-fidelity draws with RandomState(seed) too (input 1 first) and reports mean and std."""
+    kid_metric = pytest.importorskip("torch_fidelity.metric_kid")
+    rng = np.random.default_rng(1)
+    real, fake = _inception_like(rng, 300), _inception_like(rng, 260, scale=1.1)
+    ours = kernel_inception_distance(real, fake, num_subsets=20, max_subset_size=100, seed=7)
+    theirs = kid_metric.kid_features_to_metric(torch.from_numpy(fake), torch.from_numpy(real), kid_subsets=20,
+                                               kid_subset_size=100, rng_seed=7, verbose=False, kid_degree=3,
+                                               kid_gamma=None, kid_coef0=1)
+    assert ours.mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
+    assert ours.std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-6)
+
+
+def test_kid_is_unbiased_and_its_std_is_the_subset_spread():
+    rng = np.random.default_rng(2)
+    real, same, shifted = _inception_like(rng, 300), _inception_like(rng, 300), _inception_like(rng, 300, scale=1.2)
+    null = kernel_inception_distance(real, same, num_subsets=50, max_subset_size=150)
+    far = kernel_inception_distance(real, shifted, num_subsets=50, max_subset_size=150)
+    # Unbiased: two samples of one distribution score ~0 (either sign), unlike FID's positive bias.
+    assert abs(null.mean) < 0.05 * far.mean and far.mean > 5 * far.std
+    # Equal sets no larger than max_subset_size: every subset is the whole set, so no spread.
+    whole = kernel_inception_distance(real, shifted)
+    assert whole.subset_size == 300 and whole.std < 1e-12 * abs(whole.mean)
+    assert kernel_inception_distance(real[:40], shifted).subset_size == 40
+    with pytest.raises(ValueError, match="dimension"):
+        kernel_inception_distance(real, shifted[:, :10])
+    with pytest.raises(ValueError, match="N >= 2"):
+        kernel_inception_distance(real[:1], shifted)
 
 
 # ---------------------------------------------------------------- Inception Score
@@ -183,6 +257,73 @@ def test_precision_recall_on_gaussian_clouds():
     assert precision_recall(real, fake, k=3, chunk_size=37) == (precision, recall)
     with pytest.raises(ValueError):
         precision_recall(real, fake[:, :3])
+
+
+# ---------------------------------------------------------------- error bars
+
+def test_bootstrap_interval_of_normal_data():
+    rng = np.random.default_rng(3)
+    values = rng.normal(30.0, 2.0, size=400)  # e.g. PSNR in dB of 400 images
+    ci = bootstrap_interval(values)
+    assert ci.n == 400 and ci.confidence == 0.95 and ci.mean == pytest.approx(values.mean())
+    assert ci.low < ci.mean < ci.high
+    half_width = 1.96 * values.std(ddof=1) / np.sqrt(400)
+    assert (ci.high - ci.low) / 2 == pytest.approx(half_width, rel=0.1)
+    assert (ci.mean - ci.low) == pytest.approx(ci.high - ci.mean, rel=0.2)  # symmetric for normal data
+    assert bootstrap_interval(values) == ci  # fixed seed
+    assert bootstrap_interval(torch.from_numpy(values).float(), seed=1).low != ci.low
+    wider = bootstrap_interval(values, confidence=0.99, resamples=2000)
+    assert wider.low < ci.low and wider.high > ci.high
+
+
+def test_bootstrap_interval_covers_the_true_mean():
+    # 300 experiments of 60 exponential values (skewed like per-image errors); 95% intervals
+    # should cover the true mean (1.0) in ~95% of them; the percentile bootstrap runs a little
+    # low at this n, and 300 trials give a binomial sd of ~1.3%.
+    rng = np.random.default_rng(4)
+    covered = [ci.low <= 1.0 <= ci.high
+               for ci in (bootstrap_interval(rng.exponential(1.0, 60), resamples=500, seed=i) for i in range(300))]
+    assert 0.88 <= np.mean(covered) <= 0.99
+
+
+def test_bootstrap_interval_rejects_bad_values():
+    with pytest.raises(ValueError, match="cap it"):
+        bootstrap_interval(np.array([30.0, np.inf, 31.0]))  # PSNR of an exact reconstruction
+    with pytest.raises(ValueError, match="at least 2"):
+        bootstrap_interval([1.0])
+
+
+def test_paired_difference_on_students_sleep_data():
+    # Cushny & Peebles' sleep data (Student 1908); R: t.test(extra ~ group, data = sleep, paired = TRUE)
+    # prints mean difference -1.58, 95% CI -2.4598858 -0.7001142, t = -4.0621, df = 9, p = 0.002833.
+    drug1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    drug2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    d = paired_difference(drug1, drug2)
+    assert d.n == 10 and d.mean == pytest.approx(-1.58)
+    assert (d.low, d.high) == pytest.approx((-2.4598858, -0.7001142), abs=1e-6)
+    assert d.p_value == pytest.approx(0.002833, rel=1e-3)
+
+
+def test_paired_difference_equals_the_t_formula():
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    shared = rng.normal(size=5)  # seed effect common to both configurations
+    a, b = shared + rng.normal(0.3, 0.1, 5), shared + rng.normal(0.0, 0.1, 5)
+    d = paired_difference(a, b, confidence=0.9)
+    diff = a - b
+    se = diff.std(ddof=1) / np.sqrt(5)
+    t = stats.t.ppf(0.95, df=4)
+    assert (d.low, d.high) == pytest.approx((diff.mean() - t * se, diff.mean() + t * se), rel=1e-9)
+    assert d.p_value == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-9)
+    assert d.p_value == pytest.approx(2 * stats.t.sf(abs(diff.mean() / se), df=4), rel=1e-9)
+    # Unpaired, the shared seed effect hides the difference.
+    assert stats.ttest_ind(a, b).pvalue > 10 * d.p_value
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference(a, b[:4])
+    # No spread: every seed improved by exactly 1.
+    same = paired_difference([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
+    assert (same.mean, same.low, same.high, same.p_value) == (1.0, 1.0, 1.0, 0.0)
 
 
 # ---------------------------------------------------------------- CLIP score

@@ -1,4 +1,4 @@
-"""Tests for the VQ and KL bottlenecks."""
+"""Tests for the VQ and KL bottlenecks and the bottleneck table."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.quantizers import KLBottleneck, VectorQuantizer, codebook_stats
+from models.quantizers import BOTTLENECKS, Bottleneck, KLBottleneck, VectorQuantizer, codebook_stats
+from models.tokenizer import TokenizerConfig
 
 torch.set_num_threads(1)
 
@@ -147,3 +148,38 @@ def test_kl_loss_value():
 def test_kl_rejects_wrong_width():
     with pytest.raises(ValueError, match="expects"):
         KLBottleneck(token_dim=4)(torch.randn(1, 2, 4))
+
+
+def test_bottleneck_table_entries_implement_the_interface():
+    assert BOTTLENECKS == {"vq": VectorQuantizer, "kl": KLBottleneck}
+    assert all(issubclass(cls, Bottleneck) for cls in BOTTLENECKS.values())
+    assert VectorQuantizer.discrete and not KLBottleneck.discrete
+    assert VectorQuantizer.input_dim(12) == 12 and KLBottleneck.input_dim(12) == 24
+    with pytest.raises(TypeError):
+        Bottleneck()  # abstract
+
+
+def test_from_config_reads_the_config_fields():
+    config = TokenizerConfig(bottleneck="vq", codebook_size=32, token_dim=6, commitment=0.5,
+                             dead_code_restart_steps=3, kl_weight=0.1)
+    vq = VectorQuantizer.from_config(config)
+    assert (vq.codebook_size, vq.token_dim, vq.commitment, vq.dead_code_restart_steps) == (32, 6, 0.5, 3)
+    kl = KLBottleneck.from_config(config)
+    assert (kl.token_dim, kl.kl_weight) == (6, 0.1)
+
+
+def test_latents_look_up_vq_codes_and_pass_kl_tokens_through():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4).eval()
+    quantized, ids, _, _ = vq(torch.randn(2, 5, 4))
+    assert torch.allclose(vq.latents(ids, num_tokens=5), quantized, atol=1e-6)  # quantized carries the STE
+    with pytest.raises(ValueError, match=r"vq decode expects ids \[B, 5\]"):
+        vq.latents(ids[:, :4], num_tokens=5)
+    with pytest.raises(ValueError, match="torch.long"):
+        vq.latents(ids.int(), num_tokens=5)
+    kl = KLBottleneck(token_dim=4).eval()
+    z, tokens, _, _ = kl(torch.randn(2, 5, 8))
+    assert kl.latents(tokens, num_tokens=5) is tokens and torch.equal(tokens, z)
+    for bad in (torch.randn(2, 4, 4), torch.randn(2, 5, 3), torch.randn(5, 4)):
+        with pytest.raises(ValueError, match=r"kl decode expects \[B, 5, 4\]"):
+            kl.latents(bad, num_tokens=5)

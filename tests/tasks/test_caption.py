@@ -1,25 +1,28 @@
-"""The caption stage's `label`, `dataset` and `none` backends, its tables and caption pools."""
+"""The caption stage's backend table, its `label`, `dataset` and `none` backends, its tables and caption pools."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.caption.backends import caption_id, check_templates, template_index
+from tasks.caption.backends import BACKENDS, caption_id, open_backend
+from tasks.caption.backends.label import check_templates, template_index
 from tasks.caption.read import load_caption_pool, load_captions, load_failures
-from tasks.caption.stage import STAGE, run_caption
+from tasks.caption.stage import run_caption
 from tasks.config import CaptionConfig, RuntimeConfig
 from tasks.stage import StageContext
 
 # The fake Gemini server and test inputs live beside this file (tests are not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_gemini import ingest_artifact
-from helpers import commit_output
+from helpers import REPO, commit_output
 
 CLASSES = ("t-shirt", "sneaker", "bag")
 
@@ -38,8 +41,28 @@ def run(tmp_path, store, manifest, **config):
     return output, commit_output(store, ctx, output)
 
 
-def test_stage_declaration():
-    assert STAGE.name == "caption" and STAGE.inputs == ("ingest",) and STAGE.code == ("tasks.caption",)
+def test_backend_table_matches_the_config():
+    # A backend missing from the table would fail only when a run picks it; one missing from the
+    # config could never be picked.
+    assert set(BACKENDS) == set(get_args(CaptionConfig.model_fields["backend"].annotation))
+
+
+def test_unknown_backend_names_the_known_ones():
+    # The config's Literal normally stops this earlier; a config built without validation must not
+    # reach a bare KeyError.
+    with pytest.raises(ValueError, match="unknown caption.backend 'blip'") as error:
+        open_backend(CaptionConfig.model_construct(backend="blip"))
+    assert all(name in str(error.value) for name in BACKENDS)
+
+
+def test_the_gemini_client_is_imported_only_when_images_are_sent():
+    # Runs of the other backends (and all-cached Gemini runs) must work without the SDK installed.
+    script = (
+        "import sys; import tasks.caption.stage, tasks.caption.backends; "
+        "print(sorted(m for m in sys.modules if m.startswith(('google.genai', 'tasks.caption.backends.gemini.client'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_label_backend_one_template_per_image(tmp_path, store):

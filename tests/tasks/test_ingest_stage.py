@@ -18,7 +18,7 @@ from tasks.config import IngestConfig, RuntimeConfig, SourceConfig
 from tasks.ingest.read import class_names, decode_png, image_table, iter_image_batches
 from tasks.ingest.sources.fashion_mnist import CLASSES, DEFAULT_DIR as FASHION_DIR
 from tasks.ingest.sources.tuxpaint import DEFAULT_DIR as TUXPAINT_DIR
-from tasks.ingest.stage import STAGE, run_ingest, split_of
+from tasks.ingest.stage import run_ingest, split_of
 from tasks.ingest.tables import part_path, write_parquet
 from tasks.stage import StageContext
 from tasks.store import Store
@@ -109,11 +109,6 @@ EXPECTED_REJECTS = {
     "stray.png": "no-class",
 }
 EXPECTED_IMAGES = ["cat/a_good.png", "cat/c_good.jpg", "cat/f_shape.svg", "dog/g_good.png", "dog/i_good.png", "dog/j_good.bmp"]
-
-
-def test_stage_declaration():
-    assert STAGE.name == "ingest" and STAGE.inputs == () and STAGE.code == ("tasks.ingest",)
-    assert STAGE.run is run_ingest
 
 
 def test_folder_run_tables_rejects_and_summary(tmp_path, folder):

@@ -15,12 +15,12 @@ import torch
 
 import tasks.pretokenize.stage as pretokenize_stage
 from tasks.config import PretokenizeConfig, RuntimeConfig
-from tasks.ingest.read import image_table
+from tasks.embed_text.read import TextSource
+from tasks.ingest.read import decode_images, image_table
 from tasks.pretokenize.read import iter_token_batches, load_token_table, token_meta
-from tasks.pretokenize.stage import STAGE, run_pretokenize
+from tasks.pretokenize.stage import run_pretokenize
 from tasks.stage import StageContext
-from tasks.train_tokenizer.data import TextSource, decode_images
-from tasks.train_tokenizer.load import load_tokenizer
+from tasks.train_tokenizer.read import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import commit_output, kill_when_ready  # noqa: E402
@@ -48,12 +48,6 @@ def context(store, manifests, tokenizer, work: Path, **config) -> StageContext:
         inputs={**manifests, "train-tokenizer": tokenizer}, store=store,
         runtime=RuntimeConfig(device="cpu"), cache_key="k" * 64, work_dir=work,
     )
-
-
-def test_stage_declaration():
-    assert STAGE.name == "pretokenize"
-    assert STAGE.inputs == ("ingest", "caption", "embed-text", "train-tokenizer")
-    assert {"tasks.pretokenize", "models.tokenizer", "models.quantizers"} <= set(STAGE.code)
 
 
 def test_vq_tokens_table(tmp_path, trained):

@@ -1,5 +1,5 @@
 """train-tokenizer with 2 torchrun processes (gloo, CPU): equal to 1 process with the same global
-batch, and a killed stage takes its workers down and resumes."""
+batch, a killed stage takes its workers down and resumes, failed workers name the resume folder."""
 
 from __future__ import annotations
 
@@ -107,3 +107,12 @@ def test_killing_the_stage_stops_its_workers_and_a_rerun_resumes(tmp_path, input
     two = load_file(resumed_manifest.path(store, "tokenizer-raw.safetensors"))
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=5e-5, msg=key)
+
+
+def test_failing_workers_name_the_folder_a_rerun_resumes_from(tmp_path, inputs):
+    store, manifests = inputs
+    # A multiple of 2 passes the launcher's check; every worker then fails on the image count.
+    config = tiny_config("vq", train={"batch_size": 4096})
+    with pytest.raises(RuntimeError, match=r"2 torchrun workers failed .* resumes from the last checkpoint in "
+                                           + str(tmp_path / "work" / "checkpoints")):
+        train_and_commit(store, manifests, config, tmp_path / "work", RuntimeConfig(device="cpu", processes=2, threads=1))

@@ -19,13 +19,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from tasks.config import RuntimeConfig, SamplingConfig, TrainConfig, TrainGeneratorConfig
 from tasks.embed_text.cache import embeddings_table
 from tasks.embed_text.encoders import EncodedBatch
-from tasks.evaluate.sampling import sample_tokens
+from tasks.presets import PipelineConfig
 from tasks.stage import StageContext
 from tasks.store import Manifest, Store, TableRecord, write_json
-from tasks.train_generator.load import load_generator
+from tasks.train_generator.kinds import KINDS, resolve_kind
+from tasks.train_generator.read import EMA_WEIGHTS, RAW_WEIGHTS, load_generator
 from tasks.train_generator.stage import STAGE, run_train_generator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,10 +113,18 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_stage_declaration():
-    assert STAGE.name == "train-generator"
-    assert STAGE.inputs == ("caption", "embed-text", "pretokenize")
-    assert {"tasks.train_generator", "tasks.training", "models.maskgit", "models.dit", "models.ema"} <= set(STAGE.code)
+def test_the_generator_reads_captions_only_when_text_conditioned():
+    assert STAGE.name == "train-generator" and STAGE.config is TrainGeneratorConfig
+    assert STAGE.inputs(PipelineConfig(name="class")) == ("pretokenize",)
+    text = PipelineConfig(name="text", train_generator=TrainGeneratorConfig(conditioning="text"))
+    assert STAGE.inputs(text) == ("caption", "embed-text", "pretokenize")
+
+
+def test_auto_picks_the_kind_whose_tokens_match():
+    for discrete in (True, False):
+        kind = resolve_kind(TrainGeneratorConfig(), {"discrete": discrete})
+        assert kind.discrete == discrete and KINDS[kind.name] is kind
+    assert resolve_kind(TrainGeneratorConfig(conditioning="text"), {"discrete": False}).supports_text
 
 
 def test_maskgit_learns_the_train_tokens_only(tmp_path, store):
@@ -138,7 +149,7 @@ def test_maskgit_learns_the_train_tokens_only(tmp_path, store):
     assert info["tokens_artifact"] == tokens.artifact_id and info["model"]["vocab_size"] == CODEBOOK
     assert not torch.equal(ema_gen.model.head.weight, raw_gen.model.head.weight)  # EMA is its own copy
     rng = torch.Generator().manual_seed(0)
-    ids = sample_tokens(raw_gen, torch.arange(6) % CLASSES, SamplingConfig(steps=4, guidance_scale=1.0), rng)
+    ids = raw_gen.sample(torch.arange(6) % CLASSES, SamplingConfig(steps=4, guidance_scale=1.0), rng)
     assert ids.shape == (6, SEQ_LEN) and int(ids.max()) < CODEBOOK
     # Class k's tokens are 5k or 5k+1: the trained model should mostly produce those.
     expected = (torch.arange(6) % CLASSES)[:, None] * 5
@@ -162,21 +173,12 @@ def test_dit_uses_the_train_token_scale(tmp_path, store):
     assert info["scale"] == output.summary["token_scale"] and info["diffusion"] == {"steps": 100, "learn_sigma": True}
     sampling = SamplingConfig(steps=5, guidance_scale=2.0)
     labels = torch.arange(4) % CLASSES
-    a = sample_tokens(generator, labels, sampling, torch.Generator().manual_seed(3))
-    b = sample_tokens(generator, labels, sampling, torch.Generator().manual_seed(3))
+    a = generator.sample(labels, sampling, torch.Generator().manual_seed(3))
+    b = generator.sample(labels, sampling, torch.Generator().manual_seed(3))
     assert a.shape == (4, SEQ_LEN, TOKEN_DIM) and torch.equal(a, b)
 
 
 def test_ema_warms_up_so_a_short_run_keeps_little_of_the_initial_weights(tmp_path, store):
-    from safetensors.torch import load_file
-
-    from tasks.train_generator.load import EMA_WEIGHTS, RAW_WEIGHTS
-    from tasks.train_generator.worker import ema_decay_at
-
-    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
-    # Share of the initial weights left in the EMA after 1500 steps: 0.999**1500 = 22% without warm-up.
-    assert math.prod(ema_decay_at(step, 0.999) for step in range(1500)) < 1e-3
-
     tokens = token_artifact(store, discrete=False)
     ctx = context(store, generator_config(steps=30, train={"ema_decay": 0.999}), {"pretokenize": tokens}, tmp_path / "w")
     run_train_generator(ctx)
@@ -213,26 +215,22 @@ CHILD = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     import torch
+    import tasks.training.loop as loop
     from tasks.config import RuntimeConfig, TrainGeneratorConfig
     from tasks.stage import StageContext
     from tasks.store import Manifest, Store
-    import tasks.train_generator.worker as worker
     from tasks.train_generator.stage import run_train_generator
 
     spec = json.loads(Path(sys.argv[1]).read_text())
-    original = worker.train
+    original = loop.lr_factor
 
-    def slow_train(run):
-        # Slow after the first checkpoint, so the parent's SIGKILL lands mid-training.
-        step_fn = run.step_fn
-        def slowed(rows, step):
-            if step >= 2:
-                time.sleep(0.4)
-            return step_fn(rows, step)
-        run.step_fn = slowed
-        return original(run)
+    def lr_factor(step, *rest):
+        # Called once per step: slow after the first checkpoint, so the parent's SIGKILL lands mid-training.
+        if step >= 2:
+            time.sleep(0.4)
+        return original(step, *rest)
 
-    worker.train = slow_train
+    loop.lr_factor = lr_factor
     ctx = StageContext("train-generator", TrainGeneratorConfig.model_validate(spec["config"]),
                        {"pretokenize": Manifest.model_validate(spec["manifest"])}, Store(spec["store"]),
                        RuntimeConfig(device="cpu", threads=1), "k" * 64, Path(spec["work"]))
@@ -282,6 +280,6 @@ def test_two_processes_through_torchrun(tmp_path, store):
     assert output.summary["processes"] == 2 and output.summary["steps"] == 3
     assert math.isfinite(output.summary["final_loss"])
     assert (ctx.output_dir / "generator.safetensors").is_file()
-    with pytest.raises(ValueError, match="must be divisible by the 3 training processes"):
+    with pytest.raises(ValueError, match="multiple of the 3 training processes"):
         run_train_generator(StageContext("train-generator", generator_config(), {"pretokenize": tokens}, store,
                                          RuntimeConfig(device="cpu", processes=3), "k" * 64, tmp_path / "x"))

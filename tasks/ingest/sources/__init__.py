@@ -7,6 +7,7 @@ from tasks.ingest.sources.base import Item, Source, SourceError
 from tasks.ingest.sources.fashion_mnist import open_fashion_mnist
 from tasks.ingest.sources.folder import open_folder
 from tasks.ingest.sources.huggingface import open_huggingface
+from tasks.ingest.sources.shapes import open_shapes
 from tasks.ingest.sources.tuxpaint import open_tuxpaint
 
 _OPENERS = {
@@ -14,6 +15,7 @@ _OPENERS = {
     "tuxpaint": open_tuxpaint,
     "folder": open_folder,
     "huggingface": open_huggingface,
+    "shapes": open_shapes,
 }
 
 

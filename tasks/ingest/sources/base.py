@@ -17,7 +17,8 @@ class Item:
 
     kind:
       "file"   `path` is an image file (or .svg); its id is the sha256 of the file bytes.
-      "pixels" `data` is a raw uint8 grey buffer of `shape` (idx files); id = sha256 of it.
+      "pixels" `data` is a raw uint8 buffer of `shape`: (H, W) grey (idx files) or (H, W, 3)
+               RGB (procedural shapes); id = sha256 of it.
       "hf"     `data` holds encoded image bytes (or `path` a file) from a Hugging Face
                dataset; id = sha256 of the decoded pixel buffer, so Hugging Face's copy of
                Fashion-MNIST gets the same ids as the idx files.
@@ -29,7 +30,7 @@ class Item:
     kind: Literal["file", "pixels", "hf"]
     path: str | None = None
     data: bytes | None = None
-    shape: tuple[int, int] | None = None
+    shape: tuple[int, ...] | None = None
     # Set when the item is known to be unusable before reading it: (reason, detail).
     reject: tuple[str, str] | None = None
 

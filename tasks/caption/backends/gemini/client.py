@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Iterable, Iterator
 
-from tasks.caption.backends import CaptionResult, clean_caption
+from tasks.caption.backends.base import CaptionResult, clean_caption
 from tasks.config import GeminiConfig
-from tasks.secrets import redact, register_secret
+from tasks.secrets import load_named_secret, redact, register_secret
 
 log = logging.getLogger("tok1d")
 
@@ -43,10 +43,8 @@ class GeminiFatalError(RuntimeError):
 def resolve_api_key(config: GeminiConfig) -> str:
     """The key from the configured Prefect Secret block, else from the environment variable."""
     if config.secret_block:
-        from prefect.blocks.system import Secret
-
         try:
-            key = Secret.load(config.secret_block).get()
+            key = load_named_secret(config.secret_block)
         except Exception as error:  # Prefect raises ValueError, ObjectNotFound, httpx errors...
             raise RuntimeError(
                 f"caption.gemini.secret_block: could not load the Prefect Secret block "

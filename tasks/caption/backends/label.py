@@ -1,47 +1,19 @@
-"""Caption backends that need no service: captions shipped with the data, and class-name templates.
+"""`caption.backend: label`: class names filled into templates ("a photo of a {label}").
 
-Both are pure functions of the ingest rows, so they are recomputed on every run (instantly)
-rather than cached: a cache could only go stale when a source's captions or class names change.
+A pure function of the ingest rows and the templates, so it is recomputed on every run
+(instantly) rather than cached: a cache could only go stale when class names change.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from string import Formatter
 
 import pyarrow as pa
 
-
-@dataclass(frozen=True)
-class CaptionResult:
-    """The outcome of captioning one image: a caption, or the reason there is none."""
-
-    image_id: str
-    caption: str | None
-    origin: str
-    reason: str | None = None
-    detail: str = ""
-    # Requests sent for this image (0 for backends that send none).
-    attempts: int = 0
-    # The caption was cut to the configured word limit.
-    truncated: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.caption is not None
-
-
-def caption_id(caption: str) -> str:
-    """Captions are identified by the sha256 of their text, so equal captions share embeddings."""
-    return hashlib.sha256(caption.encode("utf-8")).hexdigest()
-
-
-def clean_caption(text: str | None) -> str:
-    """One line, single spaces, without surrounding quotes."""
-    if text is None:
-        return ""
-    return " ".join(text.split()).strip("\"'` ")
+from tasks.caption.backends.base import CaptionBackend, CaptionResult, CaptionRun, caption_id, clean_caption
+from tasks.caption.images import IngestImages
+from tasks.stage import StageContext
 
 
 def check_templates(templates: list[str]) -> None:
@@ -79,20 +51,6 @@ def label_captions(images: pa.Table, templates: list[str]) -> list[CaptionResult
     return results
 
 
-def dataset_captions(images: pa.Table) -> list[CaptionResult]:
-    """The caption that ships with each image (ingest's `source_caption`)."""
-    results = []
-    for image_id, source in zip(images["image_id"].to_pylist(), images["source_caption"].to_pylist()):
-        caption = clean_caption(source)
-        if caption:
-            results.append(CaptionResult(image_id, caption, "dataset"))
-        else:
-            results.append(
-                CaptionResult(image_id, None, "dataset", "no-source-caption", "the source has no caption for this image")
-            )
-    return results
-
-
 def label_pool(classes: list[tuple[int, str]], templates: list[str]) -> list[dict]:
     """Every template for every class: the pool class-conditional generation samples from."""
     check_templates(templates)
@@ -110,3 +68,13 @@ def label_pool(classes: list[tuple[int, str]], templates: list[str]) -> list[dic
                 }
             )
     return rows
+
+
+class LabelCaptions(CaptionBackend):
+    """Template captions; the pool is every template for every class, also classes without images."""
+
+    def caption(self, ctx: StageContext, images: IngestImages) -> CaptionRun:
+        return CaptionRun(label_captions(images.meta, self.config.templates))
+
+    def pool(self, images: IngestImages, captions: pa.Table) -> list[dict]:
+        return label_pool(images.classes(), self.config.templates)

@@ -1,5 +1,7 @@
 """The tokenizer files of a `train-tokenizer` artifact: writing them, loading the model back.
 
+The one module of the stage that other stages import; it owns the artifact's file format:
+
     tokenizer.safetensors       EMA weights (the inference model)
     tokenizer-raw.safetensors   the optimised (non-EMA) weights
     tokenizer.json              TokenizerConfig as a dict, token shape, the text it expects
@@ -8,25 +10,19 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from models.tokenizer import Tokenizer, TokenizerConfig
-from tasks.store import Manifest, Store, read_json, temporary_path, write_json
+from tasks.store import Manifest, Store, read_json, write_json
+from tasks.training.export import save_weights
 
 INFO_FILE = "tokenizer.json"
 EMA_WEIGHTS = "tokenizer.safetensors"
 RAW_WEIGHTS = "tokenizer-raw.safetensors"
-
-
-def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = temporary_path(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
 
 
 def save_tokenizer(

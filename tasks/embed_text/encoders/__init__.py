@@ -1,0 +1,47 @@
+"""Text encoders, one module per `embed_text.backend`, and the table that names them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.embed_text.encoders.base import EncodedBatch, TextEncoder
+from tasks.embed_text.encoders.model_source import PACKAGED_MINILM, ModelSource, resolve_model
+from tasks.embed_text.encoders.sentence_transformer import SentenceTransformerEncoder
+from tasks.embed_text.encoders.t5 import T5TextEncoder
+
+# The names are the values of EmbedTextConfig.backend (tasks/config.py), which must list the same.
+# None: no text conditioning; the stage embeds nothing and writes an empty table.
+ENCODERS: dict[str, type[TextEncoder] | None] = {
+    "none": None,
+    "sentence-transformers": SentenceTransformerEncoder,
+    "t5": T5TextEncoder,
+}
+
+
+def encoder_class(backend: str) -> type[TextEncoder] | None:
+    """The encoder `embed_text.backend` names; None for a backend that embeds nothing."""
+    if backend not in ENCODERS:
+        raise ValueError(f"unknown embed_text.backend {backend!r}; known: {sorted(ENCODERS)}")
+    return ENCODERS[backend]
+
+
+def load_encoder(backend: str, path: Path, max_tokens: int, device: str) -> TextEncoder:
+    """The named encoder with its model loaded from `path` (a folder that `resolve_model` found)."""
+    cls = encoder_class(backend)
+    if cls is None:
+        raise ValueError(f"embed_text.backend {backend!r} has no encoder to load")
+    return cls(path, max_tokens, device)
+
+
+__all__ = [
+    "ENCODERS",
+    "PACKAGED_MINILM",
+    "EncodedBatch",
+    "ModelSource",
+    "SentenceTransformerEncoder",
+    "T5TextEncoder",
+    "TextEncoder",
+    "encoder_class",
+    "load_encoder",
+    "resolve_model",
+]

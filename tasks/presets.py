@@ -1,0 +1,146 @@
+"""A run's whole configuration: YAML presets + `--set key=value` overrides -> `PipelineConfig`.
+
+`PipelineConfig` has one section per stage of the registry (tasks/registry.py), under the stage's
+name with "_" for "-", plus `runtime` (how to run, never in a cache key) and `stages` (what to
+run; validated against the registry).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError, create_model, field_validator
+
+from tasks.config import ConfigError, RuntimeConfig, Section
+from tasks.registry import STAGE_ORDER, STAGES
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class PipelineBase(Section):
+    """The parts of a run's configuration that are not a stage's section."""
+
+    name: str
+    description: str = ""
+    # The stages to run, in any order; the run adds what they read (tasks/registry.py order).
+    stages: list[str] = list(STAGE_ORDER[:3])
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        unknown = [stage for stage in stages if stage not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
+        return stages
+
+    def section(self, stage: str) -> Section:
+        return getattr(self, stage.replace("-", "_"))
+
+
+PipelineConfig = create_model(
+    "PipelineConfig",
+    __base__=PipelineBase,
+    __doc__="A run's configuration: the base fields plus one section per registered stage.",
+    **{stage.section_key: (stage.config, stage.config()) for stage in STAGES.values()},
+)
+
+
+
+def available_presets() -> dict[str, str]:
+    """Preset name -> description, for `tok1d presets`."""
+    presets = {}
+    for path in sorted(CONFIGS_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        presets[path.stem] = raw.get("description", "")
+    return presets
+
+
+def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = ", ".join(available_presets())
+        raise ConfigError(f"unknown preset {name_or_path!r}: no file {path} (known presets: {known})")
+    if str(path) in seen:
+        raise ConfigError(f"preset {path} extends itself through {' -> '.join(seen)}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {path} must be a YAML mapping")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _load_raw(parent, (*seen, str(path)))
+    return _deep_merge(base, raw)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], typed value). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw_value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-4" as a string; users mean a number.
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    # Stage names use dashes (embed-text); their config sections use underscores.
+    parts = key.split(".")
+    parts[0] = parts[0].replace("-", "_")
+    return parts, value
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif item["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(lines)
+
+
+def load_config(preset: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a preset (name in configs/ or a YAML path), apply overrides, validate."""
+    raw = _load_raw(preset)
+    raw.setdefault("name", Path(preset).stem)
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(raw, path, value)
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"invalid configuration for preset {preset!r}: {_describe(error)}") from None
+    return config
