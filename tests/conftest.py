@@ -1,7 +1,13 @@
-"""Test-session settings: offline, isolated Prefect home, one thread per torch op pool."""
+"""Test-session settings: offline, isolated Prefect home, one thread per torch op pool; tests/ as
+the import root of the shared test code (`builders.<stage>`: artifacts a test starts from)."""
 
 import os
+import sys
 import tempfile
+from pathlib import Path
+
+# Tests are not a package (pytest's importlib mode): shared test code is imported from here, once.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Before Prefect is imported anywhere: its own home (ephemeral API database) per test session.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tok1d-prefect-home-"))

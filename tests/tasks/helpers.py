@@ -1,8 +1,12 @@
-"""Helpers shared by the stage tests. Tests are not a package, so test files import this module
-after putting this folder on sys.path (as they do for fake_gemini)."""
+"""Helpers shared by the stage tests: running a stage in a child process and killing it.
+
+Importable as `helpers` (tests/tasks/conftest.py puts this folder on sys.path); the artifacts
+tests start from are built by `builders`.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,23 +15,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tasks.stage import StageContext, StageOutput
+from tasks.config import TrainTokenizerConfig
 from tasks.store import Manifest, Store
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def commit_output(store: Store, ctx: StageContext, output: StageOutput) -> Manifest:
-    """Commit a stage run's output folder as execute_stage would, with fixed test hashes."""
-    return store.commit_artifact(
-        ctx.stage,
-        ctx.output_dir,
-        tables=output.tables,
-        config_hash="h" * 64,
-        cache_key="k" * 64,
-        code_version="test",
-        summary=output.summary,
-    )
 
 
 def kill_when_ready(tmp_path: Path, script: str, args: list[str], ready: Callable[[], bool], what: str,
@@ -54,3 +45,41 @@ def kill_when_ready(tmp_path: Path, script: str, args: list[str], ready: Callabl
         child.kill()
         child.wait()
         log.close()
+
+
+# The train-tokenizer stage in a child process: argv store root, inputs json, config json, work folder.
+TOKENIZER_KILL_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from pathlib import Path
+import tasks.training.loop as loop
+from tasks.config import RuntimeConfig, TrainTokenizerConfig
+from tasks.stage import StageContext
+from tasks.store import Manifest, Store
+from tasks.train_tokenizer.stage import run_train_tokenizer
+
+slow = loop.lr_factor
+def lr_factor(*args):  # called once per step: slow steps leave time to kill mid-run
+    time.sleep(0.3)
+    return slow(*args)
+loop.lr_factor = lr_factor
+store_root, inputs_path, config_path, work = sys.argv[1:]
+import json
+inputs = {k: Manifest.model_validate(v) for k, v in json.loads(Path(inputs_path).read_text()).items()}
+config = TrainTokenizerConfig.model_validate_json(Path(config_path).read_text())
+ctx = StageContext("train-tokenizer", config, inputs, Store(store_root), RuntimeConfig(device="cpu"), "k" * 64, Path(work))
+run_train_tokenizer(ctx)
+"""
+
+
+def start_and_kill_after_checkpoint(tmp_path: Path, store: Store, manifests: dict[str, Manifest],
+                                    config: TrainTokenizerConfig, work: Path, script: str = TOKENIZER_KILL_SCRIPT,
+                                    timeout_s: int = 120) -> int:
+    """Run train-tokenizer (`script`, given TOKENIZER_KILL_SCRIPT's arguments) in a child process,
+    kill -9 it once a checkpoint exists; returns that checkpoint's step."""
+    (tmp_path / "inputs.json").write_text(json.dumps({k: m.model_dump(mode="json") for k, m in manifests.items()}))
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    latest = work / "checkpoints" / "latest"
+    kill_when_ready(tmp_path, script, [str(store.root), str(tmp_path / "inputs.json"), str(tmp_path / "config.json"),
+                                       str(work)], latest.exists, "checkpoint", timeout_s)
+    return int(latest.read_text().strip().split("-")[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import get_args
 
 import duckdb
@@ -19,10 +18,9 @@ from tasks.caption.stage import run_caption
 from tasks.config import CaptionConfig, RuntimeConfig
 from tasks.stage import StageContext
 
-# The fake Gemini server and test inputs live beside this file (tests are not a package).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_gemini import ingest_artifact
-from helpers import REPO, commit_output
+from builders.ingest import ingest_artifact
+from builders.store import commit_output
+from helpers import REPO
 
 CLASSES = ("t-shirt", "sneaker", "bag")
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from pathlib import Path
 from typing import get_args
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,11 +19,10 @@ from tasks.embed_text.encoders import ENCODERS, EncodedBatch, load_encoder
 from tasks.embed_text.read import load_text_embeddings
 from tasks.embed_text.stage import run_embed_text
 from tasks.stage import StageContext
-from tasks.store import Store, TableRecord
+from tasks.store import Store
 
-# Shared test helpers live beside this file (tests are not a package).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import commit_output  # noqa: E402
+from builders.caption import caption_artifact as build_captions
+from builders.store import commit_output
 
 torch.set_num_threads(1)
 
@@ -40,38 +36,8 @@ POOL = {0: ["a photo of a t-shirt", "a bag"], 1: ["a picture of a sneaker"]}
 
 
 def caption_artifact(store: Store, captions: list[str], pool: dict[int, list[str]]):
-    """An artifact shaped like the caption stage's output, written with pyarrow."""
-    out = Path(tempfile.mkdtemp(dir=store.root / "work"))
-    tables = {
-        "captions": pa.table(
-            {
-                "image_id": [f"img-{i}" for i in range(len(captions))],
-                "split": ["train"] * len(captions),
-                "label_id": pa.array([i % 2 for i in range(len(captions))], pa.int64()),
-                "caption_id": [caption_id(c) for c in captions],
-                "caption": captions,
-                "origin": ["dataset"] * len(captions),
-            }
-        ),
-        "caption_pool": pa.Table.from_pylist(
-            [
-                {"label_id": label, "label_name": f"class {label}", "caption_id": caption_id(c), "caption": c, "origin": "label:0"}
-                for label, entries in pool.items()
-                for c in entries
-            ],
-            schema=pa.schema(
-                [("label_id", pa.int64()), ("label_name", pa.string()), ("caption_id", pa.string()), ("caption", pa.string()), ("origin", pa.string())]
-            ),
-        ),
-    }
-    records = {}
-    for name, table in tables.items():
-        (out / name).mkdir()
-        pq.write_table(table, out / name / "part-00000.parquet")
-        records[name] = TableRecord(glob=f"{name}/*.parquet", rows=table.num_rows, columns={f.name: str(f.type) for f in table.schema})
-    return store.commit_artifact(
-        "caption", out, tables=records, config_hash="c" * 64, cache_key="c" * 64, code_version="test", summary={}
-    )
+    """A caption artifact: image i captioned captions[i], label i % 2, origin `dataset`; the pool's origin `label:0`."""
+    return build_captions(store, captions, pool, labels=[i % 2 for i in range(len(captions))], pool_origin="label:0")
 
 
 def run(work: Path, store: Store, captions_manifest, **config):

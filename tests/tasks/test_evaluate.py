@@ -1,16 +1,13 @@
 """The evaluate stage end to end on fabricated artifacts: images -> a random nano tokenizer ->
 tokens -> a briefly trained generator -> samples, metrics, grid; determinism and the reference
-cache. Artifacts are written in each stage's layout and read by the stages' own loaders.
+cache. Artifacts come from `builders` (each stage's own writers) and are read by the stages' own loaders.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import shutil
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,44 +16,28 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import tasks.evaluate.reference as reference
 import tasks.evaluate.stage as evaluate_stage
 from models.tokenizer import Tokenizer, TokenizerConfig
 from tasks.caption.backends import caption_id
 from tasks.config import EvaluateConfig, RuntimeConfig, SamplingConfig, TrainConfig, TrainGeneratorConfig
-from tasks.embed_text.cache import embeddings_table
-from tasks.embed_text.encoders import EncodedBatch
 from tasks.embed_text.read import load_text_embeddings
 from tasks.evaluate.stage import run_evaluate
-from tasks.ingest.tables import CLASSES_SCHEMA, IMAGES_SCHEMA
 from tasks.stage import StageContext
-from tasks.store import Manifest, Store, TableRecord
+from tasks.store import Manifest, Store
 from tasks.train_generator.stage import run_train_generator
+
+from builders.caption import caption_artifact
+from builders.embed_text import embed_artifact, random_batch
+from builders.ingest import ingest_from_images
+from builders.store import commit_output
+from builders.tokenizer import random_tokenizer
+from builders.tokens import token_artifact
 
 RES, CLASSES, TEXT_DIM, TEXT_TOKENS = 16, 3, 6, 4
 NAMES = ["shirt", "shoe", "bag"]
 TEMPLATES = ["a photo of a {}", "a picture of a {}"]
-
-
-def commit(store: Store, stage: str, tables: dict[str, pa.Table], files: dict[str, bytes] | None = None) -> Manifest:
-    out = Path(tempfile.mkdtemp(dir=store.root / "work"))
-    records = {}
-    for name, table in tables.items():
-        (out / name).mkdir()
-        pq.write_table(table, out / name / "part-00000.parquet")
-        records[name] = TableRecord(glob=f"{name}/*.parquet", rows=table.num_rows, columns={})
-    for name, data in (files or {}).items():
-        (out / name).write_bytes(data)
-    return store.commit_artifact(stage, out, tables=records, config_hash=stage[0] * 64, cache_key=stage[0] * 64,
-                                 code_version="test", summary={})
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def class_image(label: int, rng: np.random.Generator) -> np.ndarray:
@@ -72,95 +53,51 @@ def ingest_artifact(store: Store, rows: int = 72) -> tuple[Manifest, np.ndarray,
     rng = np.random.default_rng(0)
     labels = np.arange(rows) % CLASSES
     images = np.stack([class_image(int(label), rng) for label in labels])
-    split = ["val" if i % 9 == 8 else "train" for i in range(rows)]
-    table = pa.table({
-        "image_id": [f"img-{i:03d}" for i in range(rows)], "split": split,
-        "label_id": pa.array(labels, pa.int32()), "label_name": [NAMES[label] for label in labels],
-        "source_caption": pa.nulls(rows, pa.string()), "source": [f"test#{i}" for i in range(rows)],
-        "orig_width": pa.array([RES] * rows, pa.int32()), "orig_height": pa.array([RES] * rows, pa.int32()),
-        "image": [png(image) for image in images],
-    }, schema=IMAGES_SCHEMA)
-    classes = pa.table({"label_id": pa.array(range(CLASSES), pa.int32()), "label_name": NAMES,
-                        "images": [rows // CLASSES] * CLASSES, "train": [0] * CLASSES, "val": [0] * CLASSES},
-                       schema=CLASSES_SCHEMA)
-    return commit(store, "ingest", {"images": table, "classes": classes}), images, labels
+    manifest = ingest_from_images(store, list(images), labels, NAMES, splits(rows), image_ids=image_ids(rows))
+    return manifest, images, labels
+
+
+def splits(rows: int) -> list[str]:
+    return ["val" if i % 9 == 8 else "train" for i in range(rows)]
+
+
+def image_ids(rows: int) -> list[str]:
+    return [f"img-{i:03d}" for i in range(rows)]
 
 
 def caption_artifacts(store: Store, labels: np.ndarray) -> tuple[Manifest, Manifest]:
     """Captions (template 0 per image), the pool (every template per class) and their embeddings."""
     captions = [TEMPLATES[0].format(NAMES[label]) for label in labels]
-    pool = [(label, TEMPLATES[t].format(NAMES[label])) for label in range(CLASSES) for t in range(len(TEMPLATES))]
-    caption_table = pa.table({
-        "image_id": [f"img-{i:03d}" for i in range(len(labels))], "split": ["train"] * len(labels),
-        "label_id": pa.array(labels, pa.int64()), "caption_id": [caption_id(c) for c in captions],
-        "caption": captions, "origin": ["label:0"] * len(labels),
-    })
-    pool_table = pa.table({
-        "label_id": pa.array([label for label, _ in pool], pa.int64()),
-        "label_name": [NAMES[label] for label, _ in pool], "caption_id": [caption_id(c) for _, c in pool],
-        "caption": [c for _, c in pool], "origin": ["label"] * len(pool),
-    })
-    caption = commit(store, "caption", {"captions": caption_table, "caption_pool": pool_table})
-    texts = sorted({c for _, c in pool})
-    rng = np.random.default_rng(2)
-    mask = np.arange(TEXT_TOKENS)[None] < rng.integers(2, TEXT_TOKENS + 1, (len(texts), 1))
-    batch = EncodedBatch(rng.normal(size=(len(texts), TEXT_TOKENS, TEXT_DIM)).astype(np.float32) * mask[..., None],
-                         mask, rng.normal(size=(len(texts), TEXT_DIM)).astype(np.float32))
-    embed = commit(store, "embed-text", {"embeddings": embeddings_table([caption_id(t) for t in texts], texts, batch,
-                                                                         "float32", "test")})
-    return caption, embed
-
-
-def tokenizer_artifact(store: Store, config: TokenizerConfig) -> tuple[Manifest, Tokenizer]:
-    """A train-tokenizer artifact holding a random tokenizer, in the layout its loader reads."""
-    torch.manual_seed(0)
-    tokenizer = Tokenizer(config).eval()
-    path = Path(tempfile.mkdtemp()) / "w.safetensors"
-    save_file(tokenizer.state_dict(), str(path))
-    manifest = commit(store, "train-tokenizer", {}, {"tokenizer.safetensors": path.read_bytes(),
-                                                     "tokenizer.json": json.dumps({"config": asdict(config)}).encode()})
-    return manifest, tokenizer
+    pool = {label: [template.format(NAMES[label]) for template in TEMPLATES] for label in range(CLASSES)}
+    caption = caption_artifact(store, captions, pool, labels=labels, image_ids=image_ids(len(labels)),
+                               class_names=NAMES, origin="label:0", pool_origin="label")
+    texts = sorted({c for entries in pool.values() for c in entries})
+    batch = random_batch(len(texts), TEXT_TOKENS, TEXT_DIM, seed=2, min_tokens=2)
+    return caption, embed_artifact(store, [caption_id(t) for t in texts], texts, batch)
 
 
 @torch.no_grad()
 def pretokenize(store: Store, tokenizer: Tokenizer, images: np.ndarray, labels: np.ndarray,
                 texts=None, captions: list[str] | None = None) -> Manifest:
+    """The tokenizer's tokens of the images (with the captions' text tokens if given), as a pretokenize artifact."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     text = mask = None
     if texts is not None:
         text, mask = texts.lookup([caption_id(c) for c in captions])
         text = text.float()
     tokens, _, _ = tokenizer.encode(x, text, mask)
-    discrete = tokenizer.is_discrete
-    column = (pa.array(tokens.numpy().astype(np.uint16).tolist(), pa.list_(pa.uint16())) if discrete else
-              pa.array(tokens.numpy().astype(np.float16).tolist(), pa.list_(pa.list_(pa.float16()))))
-    rows = len(labels)
-    table = pa.table({
-        "image_id": [f"img-{i:03d}" for i in range(rows)],
-        "split": ["val" if i % 9 == 8 else "train" for i in range(rows)],
-        "label_id": pa.array(labels, pa.int32()),
-        "caption_id": [caption_id(c) for c in captions] if captions else pa.nulls(rows, pa.string()),
-        "tokens": column,
-    })
     config = tokenizer.config
-    meta = {"discrete": discrete, "seq_len": config.num_latent_tokens,
-            "codebook_size": config.codebook_size if discrete else None,
-            "token_dim": config.token_dim, "uses_text": tokenizer.uses_text,
-            "num_classes": CLASSES, "class_names": NAMES}
-    if not discrete:
-        train = np.asarray(column.to_pylist(), np.float64)[np.array(table["split"].to_pylist()) == "train"]
-        meta.update(token_mean=train.reshape(-1, config.token_dim).mean(0).tolist(),
-                    token_std=train.reshape(-1, config.token_dim).std(0).tolist())
-    return commit(store, "pretokenize", {"tokens": table}, {"tokens.json": json.dumps(meta).encode()})
+    return token_artifact(store, tokens, labels, splits(len(labels)), class_names=NAMES, token_dim=config.token_dim,
+                          codebook_size=config.codebook_size, image_ids=image_ids(len(labels)),
+                          caption_ids=[caption_id(c) for c in captions] if captions else None,
+                          uses_text=tokenizer.uses_text)
 
 
 def train_generator(store: Store, inputs: dict[str, Manifest], work: Path, **fields) -> Manifest:
     train = TrainConfig(steps=6, batch_size=16, lr=3e-3, warmup_steps=1, checkpoint_every=100, log_every=1, ema_decay=0.5)
     config = TrainGeneratorConfig(width=32, depth=1, heads=2, diffusion_steps=50, train=train, **fields)
     ctx = StageContext("train-generator", config, inputs, store, RuntimeConfig(device="cpu"), "g" * 64, work)
-    output = run_train_generator(ctx)
-    return store.commit_artifact("train-generator", ctx.output_dir, tables={}, config_hash="g" * 64,
-                                 cache_key="g" * 64, code_version="t", summary=output.summary)
+    return commit_output(store, ctx, run_train_generator(ctx))
 
 
 def evaluate(store: Store, inputs: dict[str, Manifest], work: Path, **fields):
@@ -188,7 +125,7 @@ def test_maskgit_metrics_determinism_and_reference_cache(tmp_path, world, monkey
     store = world["store"]
     config = TokenizerConfig(image_size=RES, patch_size=8, size="nano", num_latent_tokens=8, bottleneck="vq",
                              codebook_size=16, token_dim=4)
-    tokenizer_manifest, tokenizer = tokenizer_artifact(store, config)
+    tokenizer_manifest, tokenizer = random_tokenizer(store, config)
     tokens = pretokenize(store, tokenizer, world["images"], world["labels"])
     generator = train_generator(store, {"pretokenize": tokens}, tmp_path / "gen")
     inputs = {name: world[name] for name in ("ingest", "caption", "embed-text")}
@@ -236,7 +173,7 @@ def test_text_conditioned_dit_with_textok_tokenizer(tmp_path, world, monkeypatch
     store = world["store"]
     config = TokenizerConfig(image_size=RES, patch_size=8, size="nano", num_latent_tokens=8, bottleneck="kl",
                              token_dim=4, text_dim=TEXT_DIM, max_text_tokens=TEXT_TOKENS)
-    tokenizer_manifest, tokenizer = tokenizer_artifact(store, config)
+    tokenizer_manifest, tokenizer = random_tokenizer(store, config)
     texts = load_text_embeddings(world["embed-text"], store)
     captions = [TEMPLATES[0].format(NAMES[label]) for label in world["labels"]]
     tokens = pretokenize(store, tokenizer, world["images"], world["labels"], texts, captions)
@@ -273,7 +210,7 @@ def test_mismatched_tokens_are_rejected(tmp_path, world):
     store = world["store"]
     config = TokenizerConfig(image_size=RES, patch_size=8, size="nano", num_latent_tokens=8, bottleneck="vq",
                              codebook_size=16, token_dim=4)
-    tokenizer_manifest, tokenizer = tokenizer_artifact(store, config)
+    tokenizer_manifest, tokenizer = random_tokenizer(store, config)
     tokens = pretokenize(store, tokenizer, world["images"], world["labels"])
     other = pretokenize(store, tokenizer, world["images"][:-9], world["labels"][:-9])
     generator = train_generator(store, {"pretokenize": tokens}, tmp_path / "gen")

@@ -26,8 +26,8 @@ from tasks.config import CaptionConfig, GeminiConfig, RuntimeConfig
 from tasks.stage import StageContext
 from tasks.store import Store
 
-# The fake Gemini server and test inputs live beside this file (tests are not a package).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from builders.ingest import colour_png, ingest_artifact
+from builders.store import commit_output
 from fake_gemini import (
     BlockedPrompt,
     Empty,
@@ -38,10 +38,7 @@ from fake_gemini import (
     Sleep,
     Status,
     caption_for,
-    ingest_artifact,
-    png_bytes,
 )
-from helpers import commit_output
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "tok1d-TEST-KEY-7f3a9c1e5b"
@@ -49,7 +46,7 @@ MODEL = "gemini-test-flash"
 
 
 def sha(index: int) -> str:
-    return hashlib.sha256(png_bytes(index)).hexdigest()
+    return hashlib.sha256(colour_png(index)).hexdigest()
 
 
 def image_id(index: int) -> str:

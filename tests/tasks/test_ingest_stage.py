@@ -23,6 +23,8 @@ from tasks.ingest.tables import part_path, write_parquet
 from tasks.stage import StageContext
 from tasks.store import Store
 
+from builders.store import commit_output
+
 IMAGE_COLUMNS = {
     "image_id": "string",
     "split": "string",
@@ -250,9 +252,7 @@ def test_split_is_deterministic_and_near_the_fraction():
 def test_readers_on_a_committed_artifact(tmp_path, folder):
     ctx = make_ctx(tmp_path, folder_config(folder, val_fraction=0.5))
     output = run_ingest(ctx)
-    manifest = ctx.store.commit_artifact(
-        "ingest", ctx.output_dir, tables=output.tables, config_hash="c", cache_key="k", code_version="v", summary={}
-    )
+    manifest = commit_output(ctx.store, ctx, output)
     everything = image_table(manifest, ctx.store)
     assert everything.num_rows == 6 and everything.column_names == list(IMAGE_COLUMNS)
     small = image_table(manifest, ctx.store, columns=["image_id", "label_id"], split="val")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import duckdb
@@ -22,9 +21,10 @@ from tasks.pretokenize.stage import run_pretokenize
 from tasks.stage import StageContext
 from tasks.train_tokenizer.read import load_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import commit_output, kill_when_ready  # noqa: E402
-from test_train_tokenizer import IMAGES, build_inputs, tiny_config, train_and_commit  # noqa: E402
+from builders.fashion import IMAGES, build_inputs
+from builders.store import commit_output
+from builders.tokenizer import tiny_config, train_and_commit
+from helpers import kill_when_ready
 
 
 @pytest.fixture(scope="module")

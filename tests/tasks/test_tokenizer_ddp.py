@@ -3,7 +3,6 @@ batch, a killed stage takes its workers down and resumes, failed workers name th
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -13,8 +12,9 @@ from safetensors.torch import load_file
 
 from tasks.config import RuntimeConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_tokenizer import build_inputs, start_and_kill_after_checkpoint, tiny_config, train_and_commit  # noqa: E402
+from builders.fashion import build_inputs
+from builders.tokenizer import tiny_config, train_and_commit
+from helpers import start_and_kill_after_checkpoint
 
 
 @pytest.fixture(scope="module")

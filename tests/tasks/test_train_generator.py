@@ -8,13 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,74 +20,44 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.config import RuntimeConfig, SamplingConfig, TrainConfig, TrainGeneratorConfig
-from tasks.embed_text.cache import embeddings_table
-from tasks.embed_text.encoders import EncodedBatch
 from tasks.presets import PipelineConfig
 from tasks.stage import StageContext
-from tasks.store import Manifest, Store, TableRecord, write_json
+from tasks.store import Manifest, Store
 from tasks.train_generator.kinds import KINDS, resolve_kind
 from tasks.train_generator.read import EMA_WEIGHTS, RAW_WEIGHTS, load_generator
 from tasks.train_generator.stage import STAGE, run_train_generator
+
+from builders.embed_text import embed_artifact, random_batch
+from builders.store import commit_output
+from builders.tokens import token_artifact as build_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN, CODEBOOK, TOKEN_DIM, CLASSES = 8, 16, 4, 3
 
 
-def commit(store: Store, stage: str, out: Path, tables: dict[str, pa.Table]) -> Manifest:
-    records = {}
-    for name, table in tables.items():
-        (out / name).mkdir(parents=True, exist_ok=True)
-        # Two shards, so the epoch order really spans shards.
-        half = table.num_rows // 2
-        pq.write_table(table.slice(0, half), out / name / "part-00000.parquet")
-        pq.write_table(table.slice(half), out / name / "part-00001.parquet")
-        records[name] = TableRecord(glob=f"{name}/*.parquet", rows=table.num_rows, columns={})
-    return store.commit_artifact(stage, out, tables=records, config_hash=stage[0] * 64, cache_key=stage[0] * 64,
-                                 code_version="test", summary={})
-
-
 def token_artifact(store: Store, discrete: bool, rows: int = 64, seed: int = 0) -> Manifest:
-    """A pretokenize artifact: train tokens that depend on the label; every 8th row is "val" and
-    holds values no training may see (an out-of-codebook id, or 1e4 for continuous tokens)."""
+    """A pretokenize artifact in two shards (so the epoch order really spans shards): train tokens
+    that depend on the label; every 8th row is "val" and holds values no training may see (an
+    out-of-codebook id, or 1e4 for continuous tokens)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(rows) % CLASSES
     split = np.where(np.arange(rows) % 8 == 7, "val", "train")
     if discrete:
         values = (labels[:, None] * 5 + rng.integers(0, 2, (rows, SEQ_LEN))) % CODEBOOK
         values[split == "val"] = CODEBOOK  # not a codebook id: MaskGIT rejects it
-        tokens = pa.array(values.tolist(), pa.list_(pa.uint16()))
     else:
         # Channels with their own offsets, so the pooled std differs from any per-channel one.
         values = rng.normal(size=(rows, SEQ_LEN, TOKEN_DIM)) * 3 + labels[:, None, None] + 2 * np.arange(TOKEN_DIM)
         values[split == "val"] = 1e4
-        tokens = pa.array(values.astype(np.float16).tolist(), pa.list_(pa.list_(pa.float16())))
-    table = pa.table({
-        "image_id": [f"img-{i}" for i in range(rows)],
-        "split": split.tolist(),
-        "label_id": pa.array(labels, pa.int32()),
-        "caption_id": [f"cap-{label}-{i % 2}" for i, label in enumerate(labels)],
-        "tokens": tokens,
-    })
-    meta = {"discrete": discrete, "seq_len": SEQ_LEN, "codebook_size": CODEBOOK if discrete else None,
-            "token_dim": TOKEN_DIM, "uses_text": False, "num_classes": CLASSES,
-            "class_names": [f"class {k}" for k in range(CLASSES)]}
-    if not discrete:  # pretokenize's per-channel statistics of the train tokens
-        train = values[split == "train"].astype(np.float16).astype(np.float64).reshape(-1, TOKEN_DIM)
-        meta.update(token_mean=train.mean(0).tolist(), token_std=train.std(0).tolist())
-    out = Path(tempfile.mkdtemp(dir=store.root / "work"))
-    write_json(out / "tokens.json", meta)
-    return commit(store, "pretokenize", out, {"tokens": table})
+    return build_tokens(store, values, labels, split, class_names=[f"class {k}" for k in range(CLASSES)],
+                        token_dim=TOKEN_DIM, codebook_size=CODEBOOK,
+                        caption_ids=[f"cap-{label}-{i % 2}" for i, label in enumerate(labels)], shards=2)
 
 
 def text_artifact(store: Store, dim: int = 6, max_tokens: int = 5) -> Manifest:
     """An embed-text artifact holding every caption id the token tables use."""
     ids = [f"cap-{label}-{i}" for label in range(CLASSES) for i in range(2)]
-    rng = np.random.default_rng(1)
-    mask = np.arange(max_tokens)[None] < rng.integers(1, max_tokens + 1, (len(ids), 1))
-    batch = EncodedBatch(rng.normal(size=(len(ids), max_tokens, dim)).astype(np.float32) * mask[..., None], mask,
-                         rng.normal(size=(len(ids), dim)).astype(np.float32))
-    out = Path(tempfile.mkdtemp(dir=store.root / "work"))
-    return commit(store, "embed-text", out, {"embeddings": embeddings_table(ids, ids, batch, "float32", "test")})
+    return embed_artifact(store, ids, ids, random_batch(len(ids), max_tokens, dim, seed=1))
 
 
 def generator_config(steps: int = 6, **overrides) -> TrainGeneratorConfig:
@@ -142,8 +110,7 @@ def test_maskgit_learns_the_train_tokens_only(tmp_path, store):
     assert {p.name for p in ctx.output_dir.iterdir()} == {
         "generator.safetensors", "generator-raw.safetensors", "generator.json", "losses.jsonl", "losses.png"}
 
-    artifact = store.commit_artifact("train-generator", ctx.output_dir, tables={}, config_hash="g" * 64,
-                                     cache_key="g" * 64, code_version="t", summary=summary)
+    artifact = commit_output(store, ctx, output)
     ema_gen, info = load_generator(artifact, store)
     raw_gen, _ = load_generator(artifact, store, ema=False)
     assert info["tokens_artifact"] == tokens.artifact_id and info["model"]["vocab_size"] == CODEBOOK
@@ -167,8 +134,7 @@ def test_dit_uses_the_train_token_scale(tmp_path, store):
     assert output.summary["kind"] == "dit"
     # One scale for every value, combined from pretokenize's per-channel statistics.
     assert output.summary["token_scale"] == pytest.approx(train.std(), rel=1e-6)
-    artifact = store.commit_artifact("train-generator", ctx.output_dir, tables={}, config_hash="g" * 64,
-                                     cache_key="g" * 64, code_version="t", summary=output.summary)
+    artifact = commit_output(store, ctx, output)
     generator, info = load_generator(artifact, store)
     assert info["scale"] == output.summary["token_scale"] and info["diffusion"] == {"steps": 100, "learn_sigma": True}
     sampling = SamplingConfig(steps=5, guidance_scale=2.0)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +10,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tasks.config import CaptionConfig, EmbedTextConfig, IngestConfig, RuntimeConfig, SourceConfig, TrainTokenizerConfig
+from tasks.config import EmbedTextConfig, RuntimeConfig, TrainTokenizerConfig
 from tasks.embed_text.read import TextSource
 from tasks.presets import PipelineConfig
 from tasks.runner import execute_stage
-from tasks.stage import StageContext
-from tasks.store import Manifest, Store
 from tasks.train_tokenizer.data import BatchLoader, TrainImages
 from tasks.train_tokenizer.read import load_tokenizer
 from tasks.train_tokenizer.stage import STAGE, run_train_tokenizer
@@ -25,64 +21,10 @@ from tasks.train_tokenizer.trainer import TokenizerTrainer
 from tasks.training.distributed import setup
 from tasks.training.job import TrainingJob
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import kill_when_ready  # noqa: E402
-
-IMAGES = 64  # Fashion-MNIST images at 16x16: 2 ingest shards, ~48 train / ~16 val
-
-
-def build_inputs(root: Path, embed_backend: str = "sentence-transformers") -> tuple[Store, dict[str, Manifest]]:
-    """Real ingest, caption (label templates) and embed-text outputs for a tiny Fashion-MNIST."""
-    store = Store(root / "store")
-    ingest = execute_stage(
-        "ingest",
-        IngestConfig(source=SourceConfig(kind="fashion-mnist", max_images=IMAGES), resolution=16, shard_rows=32, val_fraction=0.25),
-        {},
-        store,
-    ).manifest
-    caption = execute_stage("caption", CaptionConfig(backend="label"), {"ingest": ingest}, store).manifest
-    embed = execute_stage("embed-text", EmbedTextConfig(backend=embed_backend, max_tokens=8), {"caption": caption}, store).manifest
-    return store, {"ingest": ingest, "caption": caption, "embed-text": embed}
-
-
-def tiny_config(bottleneck: str = "vq", **overrides) -> TrainTokenizerConfig:
-    """A nano tokenizer on 16x16 images: 8 tokens, a 64-code book, a few steps."""
-    raw = {
-        "model": {"size": "nano", "patch_size": 4, "num_latent_tokens": 8, "bottleneck": bottleneck,
-                  "codebook_size": 64, "token_dim": 8},
-        "loss": {"gan_weight": 0.1, "discriminator_layers": 2, "discriminator_width": 16, "perceptual_resize": 75},
-        "train": {"steps": 6, "batch_size": 8, "checkpoint_every": 3, "log_every": 1, "warmup_steps": 2,
-                  "ema_decay": 0.5, "lr": 1e-3},
-        "perceptual": "none",
-        "eval_images": 6,
-        "eval_batch_size": 4,
-        "grid_images": 4,
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
-        else:
-            raw[key] = value
-    return TrainTokenizerConfig.model_validate(raw)
-
-
-def context(store: Store, inputs: dict[str, Manifest], config: TrainTokenizerConfig, work: Path,
-            runtime: RuntimeConfig | None = None) -> StageContext:
-    return StageContext(
-        stage="train-tokenizer", config=config, inputs=inputs, store=store,
-        runtime=runtime or RuntimeConfig(device="cpu"), cache_key="k" * 64, work_dir=work,
-    )
-
-
-def train_and_commit(store, inputs, config, work, runtime=None):
-    """Run the stage and commit its output like execute_stage does; returns (output, manifest)."""
-    ctx = context(store, inputs, config, work, runtime)
-    output = run_train_tokenizer(ctx)
-    manifest = store.commit_artifact(
-        "train-tokenizer", ctx.output_dir, tables=output.tables, config_hash=config.digest(),
-        cache_key="k" * 64, code_version="test", summary=output.summary,
-    )
-    return output, manifest
+from builders.fashion import IMAGES, build_inputs
+from builders.tokenizer import tiny_config, train_and_commit
+from builders.tokenizer import tokenizer_context as context
+from helpers import start_and_kill_after_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -176,41 +118,6 @@ def test_training_lowers_the_reconstruction_loss(tmp_path, inputs):
     first, last = np.mean([h["l2"] for h in history[:3]]), np.mean([h["l2"] for h in history[-3:]])
     assert last < 0.6 * first, (first, last)
     assert "final_d_loss" not in output.summary  # no discriminator without gan_weight
-
-
-KILL_SCRIPT = """
-import sys, time, torch
-torch.set_num_threads(1)
-from pathlib import Path
-import tasks.training.loop as loop
-from tasks.config import RuntimeConfig, TrainTokenizerConfig
-from tasks.stage import StageContext
-from tasks.store import Manifest, Store
-from tasks.train_tokenizer.stage import run_train_tokenizer
-
-slow = loop.lr_factor
-def lr_factor(*args):  # called once per step: slow steps leave time to kill mid-run
-    time.sleep(0.3)
-    return slow(*args)
-loop.lr_factor = lr_factor
-store_root, inputs_path, config_path, work = sys.argv[1:]
-import json
-inputs = {k: Manifest.model_validate(v) for k, v in json.loads(Path(inputs_path).read_text()).items()}
-config = TrainTokenizerConfig.model_validate_json(Path(config_path).read_text())
-ctx = StageContext("train-tokenizer", config, inputs, Store(store_root), RuntimeConfig(device="cpu"), "k" * 64, Path(work))
-run_train_tokenizer(ctx)
-"""
-
-
-def start_and_kill_after_checkpoint(tmp_path: Path, store: Store, manifests, config, work: Path,
-                                    script: str = KILL_SCRIPT, timeout_s: int = 120) -> int:
-    """Run the stage (`script`) in a child process, kill -9 it once a checkpoint exists; returns that step."""
-    (tmp_path / "inputs.json").write_text(json.dumps({k: m.model_dump(mode="json") for k, m in manifests.items()}))
-    (tmp_path / "config.json").write_text(config.model_dump_json())
-    latest = work / "checkpoints" / "latest"
-    kill_when_ready(tmp_path, script, [str(store.root), str(tmp_path / "inputs.json"), str(tmp_path / "config.json"),
-                                       str(work)], latest.exists, "checkpoint", timeout_s)
-    return int(latest.read_text().strip().split("-")[1])
 
 
 def test_kill_then_resume_gives_the_uninterrupted_weights(tmp_path, inputs):
