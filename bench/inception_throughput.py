@@ -1,7 +1,7 @@
 """Throughput of the FID Inception feature extractor against the matmul rate of the same machine.
 
-Prints, in one run: the fp32 matmul rate (best of a few 2048^2 products), the FLOPs of one image
-(counted by torch's FlopCounterMode), and for each batch size the images/s of
+Prints, in one run: the FLOPs of one image (counted by torch's FlopCounterMode), and for each batch
+size the fp32 matmul rate (best 2048^2 product, timed alternately with the runs below), the images/s of
 ``models.metrics.extract_features`` (uint8 images -> clean-fid resize -> Inception) with the
 folded network (default) and the scripted network as loaded (``reference=True``, the old path),
 the share of time spent resizing, the network's GFLOP/s as a fraction of the matmul rate, and the
@@ -45,15 +45,13 @@ def smooth_images(count: int, size: int, seed: int = 0) -> np.ndarray:
     return up.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+MATMUL_N = 2048
+
+
+def matmul_fn() -> Callable[[], object]:
+    """One fp32 MATMUL_N^2 product, the machine's best-case FLOP rate for dense work."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    return lambda: a @ b
 
 
 def flops_per_image(net: InceptionFeatures) -> float:
@@ -114,11 +112,11 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    peak = matmul_gflops()
+    matmul = matmul_fn()
     fast = InceptionFeatures()
     flops = flops_per_image(fast)
-    print(f"matmul 2048^2 fp32: {peak:.1f} GFLOP/s (best of 5); Inception at 299: {flops / 1e9:.2f} GFLOP/image "
-          "(FlopCounterMode)")
+    print(f"Inception at 299: {flops / 1e9:.2f} GFLOP/image (FlopCounterMode); the matmul column is a "
+          f"{MATMUL_N}^2 fp32 product timed in the same alternating rounds")
 
     paths = [("folded (default)", fast)]
     if not args.no_reference:
@@ -126,19 +124,22 @@ def main() -> None:
     images = smooth_images(max(*args.batch_sizes, args.check_images), args.image_size)
 
     print(f"\n{'path':<26} {'batch':>5} {'images/s':>9} {'s/image':>8} {'resize':>7} {'net GFLOP/s':>12} "
-          f"{'of matmul':>9} {'speedup':>8}")
+          f"{'matmul':>7} {'of matmul':>9} {'speedup':>8}")
     for batch_size in args.batch_sizes:
         batch = images[:batch_size]
         fns = {name: (lambda net=net: extract_features([batch], net, batch_size=batch_size)) for name, net in paths}
         fns["resize"] = lambda: to_uint8_clean_resized(batch)
-        per_image = {name: seconds / batch_size for name, seconds in best_seconds(fns, args.repeats).items()}
-        resize = per_image.pop("resize")
+        fns["matmul"] = matmul
+        best = best_seconds(fns, args.repeats)
+        peak = 2 * MATMUL_N**3 / best.pop("matmul") / 1e9
+        resize = best.pop("resize") / batch_size
+        per_image = {name: seconds / batch_size for name, seconds in best.items()}
         for name, s in per_image.items():
             # FLOPs are all in the network: its rate leaves out the (single-threaded) PIL resize.
             net_rate = flops / (s - resize) / 1e9
             speedup = f"{per_image[paths[-1][0]] / s:.2f}x" if len(paths) > 1 and name == paths[0][0] else ""
             print(f"{name:<26} {batch_size:>5} {1 / s:>9.2f} {s:>8.3f} {resize / s:>7.1%} {net_rate:>12.1f} "
-                  f"{net_rate / peak:>9.0%} {speedup:>8}", flush=True)
+                  f"{peak:>7.1f} {net_rate / peak:>9.0%} {speedup:>8}", flush=True)
 
     if args.check_images:
         check = images[: args.check_images]
