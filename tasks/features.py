@@ -114,6 +114,10 @@ def frechet(real: np.ndarray, fake: np.ndarray, mu_real: np.ndarray | None = Non
             sigma_real: np.ndarray | None = None) -> tuple[float, str]:
     """FID of two feature sets and the method used: clean-fid's routine when both sets fill the
     2048-d feature space, the exact low-rank form otherwise (the usual case on CPU)."""
+    if len(real) == 0:  # statistics without features (a precomputed reference batch)
+        if mu_real is None or sigma_real is None:
+            raise ValueError("frechet: no real features and no real statistics")
+        return fid_from_statistics(*feature_statistics(fake), mu_real, sigma_real), "clean-fid frechet_distance"
     if min(len(real), len(fake)) > real.shape[1]:
         if mu_real is None or sigma_real is None:
             mu_real, sigma_real = feature_statistics(real)

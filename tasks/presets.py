@@ -143,4 +143,10 @@ def load_config(preset: str = "default", overrides: list[str] | tuple[str, ...] 
         config = PipelineConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"invalid configuration for preset {preset!r}: {_describe(error)}") from None
+    for name, stage in STAGES.items():
+        if stage.check is not None:
+            try:
+                stage.check(config.section(name))
+            except ValueError as error:
+                raise ConfigError(f"invalid configuration for preset {preset!r}: {error}") from None
     return config

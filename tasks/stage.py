@@ -81,6 +81,9 @@ class Stage:
     # What the stage reads from outside the store (e.g. an image folder), as a short hash: part
     # of the cache key, so changed source files are ingested again.
     fingerprint: Callable[[Any], str] | None = None
+    # Raises ValueError, naming the key, for a section the stage cannot run with (e.g. a plug-in
+    # name missing from its table); called when the config loads, before any stage runs.
+    check: Callable[[Any], None] | None = None
     extra_files: tuple[str, ...] = ()
     # The module or package whose import closure is the stage's code; None = the package of `run`.
     code: str | None = None

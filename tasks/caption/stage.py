@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks.caption.backends import CaptionResult, caption_id, open_backend
+from tasks.caption.backends import CaptionResult, caption_id, check_backend, open_backend
 from tasks.caption.images import VAL_SPLIT, IngestImages
 from tasks.config import CaptionConfig
 from tasks.stage import Stage, StageContext, StageOutput, fixed_inputs
@@ -139,5 +139,6 @@ STAGE = Stage(
     description="One caption per image (dataset captions, class-name templates or Gemini) and per-class caption pools",
     config=CaptionConfig,
     inputs=fixed_inputs("ingest"),
+    check=check_backend,
     run=run_caption,
 )

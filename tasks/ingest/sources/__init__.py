@@ -19,11 +19,17 @@ _OPENERS = {
 }
 
 
+def check_source(config: SourceConfig) -> None:
+    """A clear error for an `ingest.source.kind` that is not in the table."""
+    if config.kind not in _OPENERS:
+        raise ValueError(f"ingest.source.kind: unknown source {config.kind!r}; known: {sorted(_OPENERS)}")
+
+
 def open_source(config: SourceConfig) -> Source:
     """The configured source, its items listed in a fixed order (first `max_images` of them)."""
-    if config.kind not in _OPENERS:
+    if config.kind not in _OPENERS:  # loading the config checks this first (check_source)
         raise SourceError(f"unknown ingest.source.kind {config.kind!r}; known: {sorted(_OPENERS)}")
     return _OPENERS[config.kind](config)
 
 
-__all__ = ["Item", "Source", "SourceError", "open_source"]
+__all__ = ["Item", "Source", "SourceError", "check_source", "open_source"]

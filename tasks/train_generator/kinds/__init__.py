@@ -16,6 +16,12 @@ _TOKENS = {True: "discrete (VQ)", False: "continuous (KL)"}
 _BOTTLENECK = {True: "vq", False: "kl"}
 
 
+def check_kind(config: TrainGeneratorConfig) -> None:
+    """A clear error for a `train_generator.kind` that is neither auto nor in the table."""
+    if config.kind != "auto" and config.kind not in KINDS:
+        raise ValueError(f"train_generator.kind: unknown kind {config.kind!r}; known: auto, {', '.join(sorted(KINDS))}")
+
+
 def get_kind(name: str) -> GeneratorKind:
     if name not in KINDS:
         raise ValueError(f"unknown generator kind {name!r}; known: {sorted(KINDS)}")
@@ -42,4 +48,4 @@ def resolve_kind(config: TrainGeneratorConfig, meta: dict[str, Any]) -> Generato
     return kind
 
 
-__all__ = ["KINDS", "Generator", "GeneratorKind", "TokenBatch", "get_kind", "resolve_kind"]
+__all__ = ["KINDS", "check_kind", "Generator", "GeneratorKind", "TokenBatch", "get_kind", "resolve_kind"]
