@@ -1,0 +1,91 @@
+"""The shapes caption-level sweep as tables: mean +- std over seeds per point, and the paired
+effect of richer captions against the `class` caption (the object count only) at each token count.
+
+    .venv/bin/python bench/shapes_sweep_report.py --store store/shapes [--sweeps ID,ID]
+
+Reads every sweep of the store (or the given ids) from `sweeps/*.parquet`, the same rows as the
+DuckDB view `sweep_results`, keeps the completed shapes-textok points and prints markdown.
+Differences are paired by seed (models.metrics.paired_difference: 95% t-interval, p-value);
+one is called real only when its interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.metrics import paired_difference  # noqa: E402
+
+LEVEL_KEY = "ingest.source.shapes.caption_level"
+METRICS = (("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("rkid", "rKID", "{:.4f}"), ("rfid", "rFID", "{:.1f}"))
+
+
+def load(store: Path, sweeps: list[str] | None) -> list[dict]:
+    pattern = (store / "sweeps" / "*.parquet").as_posix()
+    rows = duckdb.sql(f"select * from read_parquet('{pattern}', union_by_name = true) where status = 'completed'")
+    records = [dict(zip(rows.columns, values)) for values in rows.fetchall()]
+    if sweeps:
+        records = [r for r in records if r["sweep_id"] in sweeps]
+    for record in records:
+        record["level"] = json.loads(record.get("axes") or "{}").get(LEVEL_KEY)
+    return [r for r in records if r["level"] is not None]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True, type=Path)
+    parser.add_argument("--sweeps", default=None, help="comma-separated sweep ids (default: all)")
+    args = parser.parse_args()
+    records = load(args.store, args.sweeps.split(",") if args.sweeps else None)
+    if not records:
+        print(f"no completed shapes sweep points in {args.store / 'sweeps'}")
+        return 1
+    by_point: dict[tuple[int, str], dict[int, dict]] = {}
+    for record in records:
+        by_point.setdefault((record["num_tokens"], record["level"]), {})[record["seed"]] = record
+    levels = [level for level in ("class", "short", "detailed") if any(level == key[1] for key in by_point)]
+    n_images = sorted({int(r["eval_images"]) for r in records if r.get("eval_images")})
+    n_kid = sorted({int(r["rfid_n"]) for r in records if r.get("rfid_n")})
+    print(f"sweeps: {sorted({r['sweep_id'] for r in records})}; PSNR/SSIM on {n_images} validation images, "
+          f"rKID/rFID on {n_kid}\n")
+    print("| tokens | caption | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |")
+    print("|---|---|---|" + "---|" * len(METRICS))
+    for (tokens, level), seeds in sorted(by_point.items(), key=lambda item: (item[0][0], levels.index(item[0][1]))):
+        cells = []
+        for name, _, fmt in METRICS:
+            values = np.array([r[name] for r in seeds.values() if r.get(name) is not None], float)
+            spread = f" +- {fmt.format(values.std(ddof=1))}" if len(values) > 1 else ""
+            cells.append(fmt.format(values.mean()) + spread if len(values) else "-")
+        print(f"| {tokens} | {level} | {len(seeds)} | " + " | ".join(cells) + " |")
+    print("\nPaired by seed, richer caption minus `class` (95% t-interval; * = excludes 0):\n")
+    print("| tokens | caption | metric | difference | 95% interval | p | n |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in sorted({key[0] for key in by_point}):
+        base = by_point.get((tokens, "class"), {})
+        for level in levels:
+            if level == "class" or (tokens, level) not in by_point:
+                continue
+            other = by_point[(tokens, level)]
+            seeds = sorted(set(base) & set(other))
+            if len(seeds) < 2:
+                continue
+            for name, title, fmt in METRICS:
+                a = [other[s][name] for s in seeds]
+                b = [base[s][name] for s in seeds]
+                if any(v is None for v in a + b):
+                    continue
+                d = paired_difference(a, b)
+                mark = "*" if d.low > 0 or d.high < 0 else ""
+                print(f"| {tokens} | {level} | {title} | {fmt.format(d.mean)}{mark} | [{fmt.format(d.low)}, "
+                      f"{fmt.format(d.high)}] | {d.p_value:.3f} | {d.n} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
