@@ -22,15 +22,13 @@ metric: n, mean, std over seeds; failed runs are counted, not averaged) and `swe
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from pydantic import BaseModel
 
 from flows.pipeline import run_pipeline
 from models.metrics import paired_difference
+from tasks import lineage
 from tasks.config import ConfigError
 from tasks.presets import PipelineConfig, load_config, parse_override
 from tasks.registry import STAGE_ORDER
@@ -438,19 +437,6 @@ def write_effects(store: Store, sweep_id: str, effects: list[TextEffect]) -> Pat
 # --------------------------------------------------------------------------- DuckDB views
 
 
-@contextmanager
-def _duckdb_lock(store: Store) -> Iterator[None]:
-    # The lock lineage.ensure_database takes, so the two never write the file at once.
-    path = store.root / "lineage" / ".duckdb.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _glob(path: Path) -> str:
     return (path / "*.parquet").as_posix().replace("'", "''")
 
@@ -472,7 +458,7 @@ def create_results_view(store: Store, attempts: int = 20) -> bool:
     holds it, retry with backoff and then give up quietly (the Parquet files hold the results).
     """
     statements = view_statements(store)
-    with _duckdb_lock(store):
+    with lineage.database_lock(store):
         for attempt in range(attempts):
             try:
                 # The storage version lineage.ensure_database writes, which the duckdb 1.x CLI can open.

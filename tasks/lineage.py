@@ -8,22 +8,20 @@ store (under a file lock, retried if a user holds the file open) and read-only a
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import time
 import uuid
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from tasks.measurement import read_measurements
 from tasks.secrets import redact
-from tasks.store import Manifest, Store
+from tasks.store import Manifest, Store, exclusive_lock
 from tasks.tables import write_parquet_atomic
 
 VIEWS_VERSION = "3"
@@ -168,15 +166,9 @@ def define_views(connection: duckdb.DuckDBPyConnection, store: Store, temporary:
         connection.execute(f"create or replace {kind} {view} as {sql}")
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def database_lock(store: Store):
+    """The lock every writer of `experiments.duckdb` takes (views here, sweep views in flows/sweep.py)."""
+    return exclusive_lock(store.root / "lineage" / ".duckdb.lock")
 
 
 def ensure_database(store: Store, attempts: int = 20) -> bool:
@@ -195,7 +187,7 @@ def ensure_database(store: Store, attempts: int = 20) -> bool:
 
     if up_to_date():
         return True
-    with _file_lock(store.root / "lineage" / ".duckdb.lock"):
+    with database_lock(store):
         if up_to_date():
             return True
         for attempt in range(attempts):

@@ -7,15 +7,12 @@ run's id in, so lineage can point at the Prefect run.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from tasks import lineage
 from tasks.cache import CacheSlot, git_revision, resolve_slot, stage_cache_key
@@ -26,7 +23,7 @@ from tasks.progress import publish_summary_table
 from tasks.registry import get_stage
 from tasks.secrets import redact
 from tasks.stage import Stage, StageContext
-from tasks.store import Manifest, Store
+from tasks.store import Manifest, Store, exclusive_lock
 
 log = logging.getLogger("tok1d")
 
@@ -78,30 +75,30 @@ def _check_injected_fault(stage: str) -> None:
             raise RuntimeError(f"injected fault in stage {stage} ({FAULT_FILE_ENV}={fault_file})")
 
 
-def record_cache_hit(
-    plan: StagePlan, manifest: Manifest, inputs: dict[str, Manifest], store: Store, run_id: str | None,
-    flow_run_id: str | None = None,
-) -> str:
-    stage_run_id = lineage.new_id()
-    moment = lineage.now()
-    lineage.record_stage_event(
-        store,
-        stage_run_id=stage_run_id,
+def _event_fields(plan: StagePlan, run_id: str | None, flow_run_id: str | None, cache_hit: bool) -> dict:
+    """The lineage fields every event of one stage run shares (a new stage run id, its start time)."""
+    return dict(
+        stage_run_id=lineage.new_id(),
         run_id=run_id,
         flow_run_id=flow_run_id,
         stage=plan.stage.name,
-        status="completed",
-        cache_hit=True,
+        cache_hit=cache_hit,
         cache_key=plan.slot.slot_key,
         config_hash=plan.config_hash,
         code_version=plan.code_version,
         git_revision=git_revision(),
-        started_at=moment,
-        ended_at=moment,
-        output=manifest,
-        inputs=inputs,
+        started_at=lineage.now(),
     )
-    return stage_run_id
+
+
+def record_cache_hit(
+    plan: StagePlan, manifest: Manifest, inputs: dict[str, Manifest], store: Store, run_id: str | None,
+    flow_run_id: str | None = None,
+) -> str:
+    fields = _event_fields(plan, run_id, flow_run_id, cache_hit=True)
+    lineage.record_stage_event(store, status="completed", ended_at=fields["started_at"], output=manifest,
+                               inputs=inputs, **fields)
+    return fields["stage_run_id"]
 
 
 def execute_stage(
@@ -122,7 +119,8 @@ def execute_stage(
 
     locked_slot = plan.slot.slot_key
     work_dir = store.work_dir(stage_name, locked_slot)
-    with _exclusive(work_dir / ".lock"):
+    # One process at a time computes a given cache slot (others wait, then hit the cache).
+    with exclusive_lock(work_dir / ".lock"):
         # Another process may have finished this very run while we waited for the lock.
         plan = plan_stage_run(stage_name, section, inputs, store)
         if plan.slot.manifest is not None:
@@ -132,17 +130,6 @@ def execute_stage(
             return _compute(plan, section, inputs, store, runtime, run_id, flow_run_id, work_dir)
     # The slot moved on while we waited (the other run was recorded incomplete): start over.
     return execute_stage(stage_name, section, inputs, store, runtime, run_id, flow_run_id)
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One process at a time computes a given cache slot (others wait, then hit the cache)."""
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _compute(
@@ -157,20 +144,8 @@ def _compute(
 ) -> StageResult:
     stage = plan.stage
     stage_name = stage.name
-    stage_run_id = lineage.new_id()
-    started = lineage.now()
-    common = dict(
-        stage_run_id=stage_run_id,
-        run_id=run_id,
-        flow_run_id=flow_run_id,
-        stage=stage_name,
-        cache_hit=False,
-        cache_key=plan.slot.slot_key,
-        config_hash=plan.config_hash,
-        code_version=plan.code_version,
-        git_revision=git_revision(),
-        started_at=started,
-    )
+    common = _event_fields(plan, run_id, flow_run_id, cache_hit=False)
+    stage_run_id, started = common["stage_run_id"], common["started_at"]
     lineage.record_stage_event(store, status="running", **common)
     context = StageContext(stage_name, section, inputs, store, runtime, plan.slot.slot_key, work_dir)
     if runtime.threads:
