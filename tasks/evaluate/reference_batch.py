@@ -55,9 +55,9 @@ def centre_crop_resize(image: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(resized)
 
 
-def describe(path: Path, stats: ReferenceStats, from_images: bool, resolution: int) -> str:
-    """The `reference` column of the metrics measured against this batch."""
-    digest = sha256_file(path)[:16]
+def describe(path: Path, digest: str, stats: ReferenceStats, from_images: bool, resolution: int) -> str:
+    """The `reference` column of the metrics measured against this batch (`digest`: the file's sha256)."""
+    digest = digest[:16]
     if from_images:
         return (f"ADM reference batch {path.name} (sha256 {digest}): {stats.count} images, centre-cropped and "
                 f"resized to {resolution} px, features by tok1d's network")
@@ -78,29 +78,30 @@ def reference_from_npz(
     if not path.is_file():
         raise FileNotFoundError(f"evaluate.reference_npz: no file {path} (an ADM-evaluator reference batch, e.g. "
                                 "VIRTUAL_imagenet256_labeled.npz)")
+    digest = sha256_file(path)  # once: reference batches are gigabytes
     with np.load(path, allow_pickle=False) as data:
         names = set(data.files)
         if IMAGES_KEY not in names:
             if not {"mu", "sigma"} <= names:
                 raise ValueError(f"evaluate.reference_npz: {path} holds {sorted(names)}; expected {IMAGES_KEY!r} "
                                  "(images [N, H, W, 3] uint8) or 'mu' and 'sigma'")
-            stats = ReferenceStats(key=f"npz-{sha256_file(path)[:16]}", mu=data["mu"].astype(np.float64),
+            stats = ReferenceStats(key=f"npz-{digest[:16]}", mu=data["mu"].astype(np.float64),
                                    sigma=data["sigma"].astype(np.float64), features=np.zeros((0, len(data["mu"]))),
                                    labels=np.zeros(0, np.int64), probe_weight=None, probe_bias=None,
                                    probe_accuracy=None)
-            return stats, describe(path, stats, False, resolution)
-        key = hash_value([REFERENCE_VERSION, "adm-npz", sha256_file(path), resolution, extractor])[:32]
+            return stats, describe(path, digest, stats, False, resolution)
+        key = hash_value([REFERENCE_VERSION, "adm-npz", digest, resolution, extractor])[:32]
         cached = store.root / CACHE_DIR / f"{key}.npz"
         if cached.exists():
             stats = load_reference(cached, key)
-            return stats, describe(path, stats, True, resolution)
+            return stats, describe(path, digest, stats, True, resolution)
         images = data[IMAGES_KEY]
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"evaluate.reference_npz: {path}[{IMAGES_KEY!r}] must be uint8 [N, H, W, 3], "
                              f"got {images.dtype} {images.shape}")
         stats = _compute(images, resolution, store, net, extractor, key, batch_size, progress)
     save_reference(cached, stats)
-    return stats, describe(path, stats, True, resolution)
+    return stats, describe(path, digest, stats, True, resolution)
 
 
 def _compute(images: np.ndarray, resolution: int, store: Store, net: InceptionFeatures, extractor: str, key: str,
