@@ -10,11 +10,12 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
 log = logging.getLogger("tok1d")
+T = TypeVar("T")
 
 _ARTIFACT_INTERVAL_S = 2.0
 # Redraws of a bar written to a file or a worker's log: every 0.1 s there would be megabytes.
@@ -78,6 +79,12 @@ class Progress:
             self.bar.set_postfix(postfix, refresh=False)
         if self._artifact_id is not None and time.monotonic() - self._last_push > _ARTIFACT_INTERVAL_S:
             self._push()
+
+    def track(self, items: Iterable[T], size: Callable[[T], int] = lambda item: 1) -> Iterator[T]:
+        """Yield `items`, counting each one's `size` once the consumer is done with it."""
+        for item in items:
+            yield item
+            self.update(size(item))
 
     def _push(self) -> None:
         self._last_push = time.monotonic()

@@ -22,6 +22,7 @@ from tasks.embed_text.read import TextSource
 from tasks.features import FeatureCache, extractor_id
 from tasks.ingest.read import image_resolution
 from tasks.measurement import MEASUREMENTS_KEY, measurements
+from tasks.progress import Progress
 from tasks.stage import StageOutput
 from tasks.store import TableRecord
 from tasks.train_tokenizer.data import BatchLoader, TrainImages, iter_eval_batches
@@ -145,16 +146,21 @@ class TokenizerTrainer(Trainer):
             reference=(f"ingest/{ingest.artifact_id} {split} split, {limit} images "
                        f"({self.model_config.image_size} px as ingested, no crop)"),
             extractor=extractor, seed=config.train.seed)
-        report = evaluate_reconstructions(
-            self.ema.module,
-            iter_eval_batches(ingest, store, config.eval_batch_size, config.eval_images, split, self.text),
-            inception,
-            config.train.precision,
-            config.grid_images,
-            features=FeatureCache(store, extractor) if inception is not None else None,
-            fid_images=max(config.fid_images, 0),
-            protocol=protocol,
-        )
+        total = ingest.summary.get(split)
+        total = min(total, config.eval_images) if total and config.eval_images else (total or None)
+        bar = Progress("train-tokenizer", total, "reconstruction metrics", unit="img")
+        batches = iter_eval_batches(ingest, store, config.eval_batch_size, config.eval_images, split, self.text)
+        with bar:
+            report = evaluate_reconstructions(
+                self.ema.module,
+                bar.track(batches, lambda batch: len(batch.image_ids)),
+                inception,
+                config.train.precision,
+                config.grid_images,
+                features=FeatureCache(store, extractor) if inception is not None else None,
+                fid_images=max(config.fid_images, 0),
+                protocol=protocol,
+            )
         table: TableRecord = write_report(report, out, GRID_FILE)
         final = result.history[-1] if result.history else {}
         summary: dict[str, Any] = {
