@@ -126,6 +126,9 @@ EFFECT_SCHEMA = pa.schema(
 # value in the sweep (e.g. gFID of a tokenizer-only sweep) are left out.
 TABLE_METRICS = (("rfid", "rFID", True), ("rkid", "rKID", True), ("gfid", "gFID", True), ("gkid", "gKID", True),
                  ("psnr", "PSNR", False), ("ssim", "SSIM", False))
+# The image or sample count each shown metric was measured on, shown beside it as N=...
+SAMPLE_COUNTS = {"rfid": "rfid_n", "rkid": "rfid_n", "gfid": "num_samples", "gkid": "num_samples",
+                 "psnr": "eval_images", "ssim": "eval_images"}
 CONFIDENCE = 0.95
 
 
@@ -504,6 +507,20 @@ def _number_text(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _digits(metric: str) -> int:
+    # KID is ~1e-3..1e-1 and SSIM lives in [0, 1]: two decimals would hide every difference.
+    return {"rkid": 4, "gkid": 4, "ssim": 3}.get(metric, 2)
+
+
+def _count_text(count: PointStats | None) -> str:
+    """`, N=500` from the per-point statistics of a count column (a range if seeds differ)."""
+    if count is None or not count.n or count.mean is None:
+        return ""
+    if count.std:  # seeds measured on different counts (e.g. a split with uncaptioned images)
+        return f", N≈{count.mean:.0f}"
+    return f", N={count.mean:.0f}"
+
+
 def shown_metrics(points: list[PointStats]) -> list[tuple[str, str, bool]]:
     measured = {p.metric for p in points if p.n}
     return [metric for metric in TABLE_METRICS if metric[0] in measured] or list(TABLE_METRICS[:3])
@@ -524,10 +541,10 @@ def points_table(points: list[PointStats]) -> tuple[list[str], list[list[str]]]:
             stat = stats.get(metric)
             if stat is None or not stat.n:
                 cells.append("-")
-            elif stat.std is None:
-                cells.append(f"{stat.mean:.2f} (n={stat.n})")
-            else:
-                cells.append(f"{stat.mean:.2f} ± {stat.std:.2f} (n={stat.n})")
+                continue
+            spread = "" if stat.std is None else f" ± {_number_text(stat.std, _digits(metric))}"
+            count = _count_text(stats.get(SAMPLE_COUNTS.get(metric, "")))
+            cells.append(f"{_number_text(stat.mean, _digits(metric))}{spread} (n={stat.n}{count})")
         failed = f", {first.failed} failed" if first.failed else ""
         rows.append([_point_label(preset, tokens, axes, use_text), *cells, f"{first.completed} ok{failed}"])
     return header, rows
@@ -543,9 +560,12 @@ def effects_table(effects: list[TextEffect], metrics: list[tuple[str, str, bool]
         if e.metric not in titles:
             continue
         title, lower = titles[e.metric]
-        interval = "-" if e.ci_low is None else f"[{e.ci_low:+.2f}, {e.ci_high:+.2f}]{' *' if e.significant else ''}"
+        digits = _digits(e.metric)
+        interval = ("-" if e.ci_low is None else
+                    f"[{e.ci_low:+.{digits}f}, {e.ci_high:+.{digits}f}]{' *' if e.significant else ''}")
         rows.append([_point_label(e.preset, e.num_tokens, e.axes), f"{title} {'↓' if lower else '↑'}",
-                     _number_text(e.mean_on), _number_text(e.mean_off), f"{e.difference:+.2f}", interval,
+                     _number_text(e.mean_on, digits), _number_text(e.mean_off, digits), f"{e.difference:+.{digits}f}",
+                     interval,
                      "-" if e.p_value is None else f"{e.p_value:.3g}", str(e.n)])
     return header, rows
 
@@ -556,12 +576,21 @@ def _text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _run_cell(row: dict[str, Any], metric: str) -> str:
+    """One run's value, with the N it was measured on beside FIDs and KIDs."""
+    value = _number_text(row[metric], _digits(metric))
+    count = row.get(SAMPLE_COUNTS.get(metric, ""))
+    if row[metric] is None or count is None or metric in ("psnr", "ssim"):
+        return value
+    return f"{value} (N={count:.0f})"
+
+
 def report_text(rows: list[dict[str, Any]], points: list[PointStats], effects: list[TextEffect]) -> str:
     """What `tok1d sweep` prints: every run, the per-point statistics and the text effects."""
     metrics = shown_metrics(points)
     run_header = ["point", "seed", *(title for _, title, _ in metrics), "status"]
     run_rows = [[_point_label(row["preset"], row["num_tokens"], row["axes"], row["use_text"]), str(row["seed"]),
-                 *(_number_text(row[metric]) for metric, _, _ in metrics),
+                 *(_run_cell(row, metric) for metric, _, _ in metrics),
                  row["status"] if row["error"] is None else f"{row['status']}: {row['error'][:80]}"] for row in rows]
     failed = sum(row["status"] == "failed" for row in rows)
     parts = [f"runs ({len(rows) - failed} completed, {failed} failed):", _text_table(run_header, run_rows),

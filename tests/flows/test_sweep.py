@@ -34,6 +34,8 @@ from flows.sweep import (
     parse_axes,
     parse_seeds,
     parse_text_axis,
+    points_table,
+    report_text,
     write_effects,
     write_results,
 )
@@ -128,6 +130,23 @@ def test_points_hold_mean_std_and_n_over_seeds_and_count_failed_runs():
     assert len(dead) == 1 and (dead[0].metric, dead[0].n, dead[0].completed, dead[0].failed) == (None, None, 0, 1)
     # Grid order (the rows' first appearance), then METRICS order.
     assert [(p.use_text, p.metric) for p in points[:3]] == [(True, "rfid"), (True, "psnr"), (True, "gfid")]
+
+
+def test_tables_show_the_image_count_beside_each_fid_and_kid():
+    rows = [row(text=text, seed=seed, rfid=100.0 + seed + 5 * text, rfid_n=500.0, rkid=0.02 + 0.001 * seed,
+                gfid=80.0 - seed, num_samples=250.0, psnr=20.0 + seed, eval_images=1214.0)
+            for text in (False, True) for seed in range(3)]
+    points, effects = aggregate(rows)
+    header, cells = points_table(points)
+    column = {title.split()[0]: i for i, title in enumerate(header)}
+    off = cells[0]
+    assert off[column["rFID"]] == "101.00 ± 1.00 (n=3, N=500)"
+    assert off[column["rKID"]] == "0.0210 ± 0.0010 (n=3, N=500)"  # KID keeps its significant digits
+    assert off[column["gFID"]] == "79.00 ± 1.00 (n=3, N=250)"
+    assert off[column["PSNR"]] == "21.00 ± 1.00 (n=3, N=1214)"
+    report = report_text(rows, points, effects)
+    assert "100.00 (N=500)" in report and "80.00 (N=250)" in report  # the runs table: seed 0's rFID and gFID
+    assert re.search(r"rFID ↓\s+106.00\s+101.00\s+\+5.00", report)  # the paired effect, on - off
 
 
 def test_text_effects_are_paired_by_seed():
