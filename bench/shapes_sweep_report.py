@@ -1,5 +1,6 @@
 """The shapes caption-level sweep as tables: mean +- std over seeds per point, and the paired
-effect of richer captions against the `class` caption (the object count only) at each token count.
+effect of each caption level against the same tokenizer without text (where that was run) and
+against the `class` caption (the object count only), at each token count.
 
     .venv/bin/python bench/shapes_sweep_report.py --store store/shapes [--sweeps ID,ID]
 
@@ -23,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.metrics import paired_difference  # noqa: E402
 
 LEVEL_KEY = "ingest.source.shapes.caption_level"
+NO_TEXT = "no text"
+LEVELS = (NO_TEXT, "class", "short", "detailed")
 METRICS = (("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("rkid", "rKID", "{:.4f}"), ("rfid", "rFID", "{:.1f}"))
 
 
@@ -33,7 +36,9 @@ def load(store: Path, sweeps: list[str] | None) -> list[dict]:
     if sweeps:
         records = [r for r in records if r["sweep_id"] in sweeps]
     for record in records:
-        record["level"] = json.loads(record.get("axes") or "{}").get(LEVEL_KEY)
+        # A tokenizer without text reads no caption, whatever level its config names: the control.
+        level = json.loads(record.get("axes") or "{}").get(LEVEL_KEY)
+        record["level"] = NO_TEXT if record["use_text"] is False else level
     return [r for r in records if r["level"] is not None]
 
 
@@ -49,11 +54,11 @@ def main() -> int:
     by_point: dict[tuple[int, str], dict[int, dict]] = {}
     for record in records:
         by_point.setdefault((record["num_tokens"], record["level"]), {})[record["seed"]] = record
-    levels = [level for level in ("class", "short", "detailed") if any(level == key[1] for key in by_point)]
+    levels = [level for level in LEVELS if any(level == key[1] for key in by_point)]
     n_images = sorted({int(r["eval_images"]) for r in records if r.get("eval_images")})
     n_kid = sorted({int(r["rfid_n"]) for r in records if r.get("rfid_n")})
-    print(f"sweeps: {sorted({r['sweep_id'] for r in records})}; PSNR/SSIM on {n_images} validation images, "
-          f"rKID/rFID on {n_kid}\n")
+    print(f"sweeps: {sorted({r['sweep_id'] for r in records})}; PSNR/SSIM on N={n_images} validation images, "
+          f"rKID/rFID on N={n_kid}\n")
     print("| tokens | caption | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |")
     print("|---|---|---|" + "---|" * len(METRICS))
     for (tokens, level), seeds in sorted(by_point.items(), key=lambda item: (item[0][0], levels.index(item[0][1]))):
@@ -63,27 +68,31 @@ def main() -> int:
             spread = f" +- {fmt.format(values.std(ddof=1))}" if len(values) > 1 else ""
             cells.append(fmt.format(values.mean()) + spread if len(values) else "-")
         print(f"| {tokens} | {level} | {len(seeds)} | " + " | ".join(cells) + " |")
-    print("\nPaired by seed, richer caption minus `class` (95% t-interval; * = excludes 0):\n")
-    print("| tokens | caption | metric | difference | 95% interval | p | n |")
-    print("|---|---|---|---|---|---|---|")
+    print("\nPaired by seed, each caption level minus a baseline: no text (where measured) and the `class` "
+          "caption (95% t-interval; * = excludes 0):\n")
+    print("| tokens | caption | baseline | metric | difference | 95% interval | p | n |")
+    print("|---|---|---|---|---|---|---|---|")
     for tokens in sorted({key[0] for key in by_point}):
-        base = by_point.get((tokens, "class"), {})
-        for level in levels:
-            if level == "class" or (tokens, level) not in by_point:
+        for baseline in (NO_TEXT, "class"):
+            base = by_point.get((tokens, baseline))
+            if not base:
                 continue
-            other = by_point[(tokens, level)]
-            seeds = sorted(set(base) & set(other))
-            if len(seeds) < 2:
-                continue
-            for name, title, fmt in METRICS:
-                a = [other[s][name] for s in seeds]
-                b = [base[s][name] for s in seeds]
-                if any(v is None for v in a + b):
+            for level in levels[levels.index(baseline) + 1:]:
+                if (tokens, level) not in by_point:
                     continue
-                d = paired_difference(a, b)
-                mark = "*" if d.low > 0 or d.high < 0 else ""
-                print(f"| {tokens} | {level} | {title} | {fmt.format(d.mean)}{mark} | [{fmt.format(d.low)}, "
-                      f"{fmt.format(d.high)}] | {d.p_value:.3f} | {d.n} |")
+                other = by_point[(tokens, level)]
+                seeds = sorted(set(base) & set(other))
+                if len(seeds) < 2:
+                    continue
+                for name, title, fmt in METRICS:
+                    a = [other[s][name] for s in seeds]
+                    b = [base[s][name] for s in seeds]
+                    if any(v is None for v in a + b):
+                        continue
+                    d = paired_difference(a, b)
+                    mark = "*" if d.low > 0 or d.high < 0 else ""
+                    print(f"| {tokens} | {level} | {baseline} | {title} | {fmt.format(d.mean)}{mark} | "
+                          f"[{fmt.format(d.low)}, {fmt.format(d.high)}] | {d.p_value:.3f} | {d.n} |")
     return 0
 
 
