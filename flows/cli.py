@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(stage)
     status = commands.add_parser("status", help="what ran, what is cached, what failed")
     status.add_argument("--store", default=DEFAULT_STORE)
+    verify = commands.add_parser("verify", help="hash every artifact file again; exit 1 if any is missing or altered")
+    verify.add_argument("--store", default=DEFAULT_STORE)
+    verify.add_argument("--stage", default=None, help="only this stage's artifacts, e.g. ingest")
     commands.add_parser("presets", help="list the presets in configs/")
     sweep = commands.add_parser(
         "sweep", help="presets x axes (tokens, text on/off, any key) x seeds through the pipeline; "
@@ -98,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from flows.status import print_status
 
         return print_status(Path(args.store))
+    if args.command == "verify":
+        from flows.verify import print_verification
+
+        return print_verification(Path(args.store).expanduser(), args.stage)
     if args.command == "sweep":
         from flows.sweep import run_sweep_cli
 

@@ -7,8 +7,9 @@ import socket
 from pathlib import Path
 
 from tasks import lineage
+from tasks.fingerprints import Depth, check_artifact
 from tasks.registry import STAGE_ORDER
-from tasks.store import Store
+from tasks.store import Manifest, Store
 
 # The headline metrics of each stage's latest output, with how many images or samples they are on.
 HEADLINE_METRICS = ("psnr", "ssim", "rfid", "rkid", "gfid", "gkid")
@@ -48,6 +49,15 @@ def shown_status(status: str, host: str | None, pid: int | None) -> str:
     return status
 
 
+def cache_state(store: Store, manifest: Manifest, complete: bool) -> str:
+    """intact, damaged (a file missing or of another size), unverified or incomplete, from stat
+    alone: status reads no artifact bytes (an ImageNet store holds hundreds of GB)."""
+    if not complete:
+        return "incomplete"
+    check = check_artifact(store, manifest, Depth.STAT)
+    return "damaged" if check.problems else ("intact" if check.intact else "unverified")
+
+
 def print_status(root: Path) -> int:
     if not (root / "lineage").exists():
         print(f"no store at {root} (nothing has run there yet)")
@@ -80,13 +90,15 @@ def print_status(root: Path) -> int:
                 headline, key=lambda r: (STAGE_ORDER.index(r[0]) if r[0] in STAGE_ORDER else 99, order[r[1]])):
             spread = f" +- {std:.4g}" if std is not None else (f" [{low:.4g}, {high:.4g}]" if low is not None else "")
             print(f"  {stage:<16}{name:<6}{value:>10.4g}{spread:<22} N={n if n is not None else '?'}")
-    records = store.cache_records()
-    intact = [r for r in records if r[3] and not r[2].problems(store)]
-    print(f"\ncache: {len(intact)} intact of {len(records)} recorded outputs")
-    for stage, slot_key, manifest, complete in records:
-        problems = manifest.problems(store)
-        state = "intact" if complete and not problems else ("incomplete" if not complete else "damaged")
+    states = [(stage, cache_state(store, manifest, complete), manifest)
+              for stage, _slot_key, manifest, complete in store.cache_records()]
+    intact = sum(state == "intact" for _, state, _ in states)
+    print(f"\ncache: {intact} intact of {len(states)} recorded outputs")
+    for stage, state, manifest in states:
         print(f"  {stage:<16}{state:<11}{manifest.rows:>8} rows  {manifest.root}")
+    if any(state == "unverified" for _, state, _ in states):
+        print("  (unverified: a file's stat differs from its fingerprint; the next run that hits it hashes it, "
+              "`tok1d verify` hashes every file)")
     if failures:
         print("\nrecent failures:")
         for stage, ended, error in failures:

@@ -4,7 +4,8 @@ A stage's cache key = stage name + stage code version + hash of its config secti
 artifact ids of its input manifests. A key can own several *slots*: when the artifact a slot
 recorded is missing or altered, that slot is skipped and the stage recomputes into the next
 one, so Prefect never hands back an output whose files are gone (Prefect itself would: its
-cache record lives apart from our files).
+cache record lives apart from our files). A hit is verified by the files' stat fingerprints,
+hashing only files whose stat changed (tasks/fingerprints.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from tasks.fingerprints import verified_hit
 from tasks.hashing import hash_value
 from tasks.store import Manifest, Store
 
@@ -67,11 +69,15 @@ class CacheSlot:
 
 def resolve_slot(store: Store, stage: str, key: str) -> CacheSlot:
     """The first slot of `key` that is either free (compute there) or holds an intact, complete
-    artifact (a hit). Slots whose artifact is damaged or was recorded incomplete are skipped."""
+    artifact (a hit). Slots whose artifact is damaged or was recorded incomplete are skipped.
+
+    Intact = every file's stat matches its fingerprint, or its bytes still have the recorded
+    sha256; this is called several times per cached run (Prefect's cache policy, the runner), so
+    a matching fingerprint reads no artifact bytes."""
     for slot in range(MAX_SLOTS):
         manifest, complete = store.read_cache_record(stage, key, slot)
         if manifest is None and complete:
             return CacheSlot(key, slot, None)
-        if manifest is not None and complete and not manifest.problems(store):
+        if manifest is not None and complete and verified_hit(store, manifest):
             return CacheSlot(key, slot, manifest)
     raise RuntimeError(f"{stage}: {MAX_SLOTS} invalidated cache slots for key {key}; clean {store.root / 'cache'}")

@@ -18,6 +18,7 @@ from tasks import lineage
 from tasks.cache import CacheSlot, git_revision, resolve_slot, stage_cache_key
 from tasks.code_version import code_version
 from tasks.config import RuntimeConfig, Section
+from tasks.fingerprints import record_commit, stat_folder
 from tasks.hashing import hash_value
 from tasks.progress import publish_summary_table
 from tasks.registry import get_stage
@@ -158,6 +159,8 @@ def _compute(
         for leftover in list(context.output_dir.rglob(".*")):
             # Temporary files of interrupted writes never become part of an artifact.
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        # Taken before the commit hashes the files: what later cache hits compare with.
+        before = stat_folder(context.output_dir)
         manifest = store.commit_artifact(
             stage_name,
             context.output_dir,
@@ -167,6 +170,7 @@ def _compute(
             code_version=plan.code_version,
             summary=output.summary,
         )
+        record_commit(store, manifest, before)
         store.write_cache_record(stage_name, plan.slot.key, plan.slot.slot, manifest, complete=output.complete)
     except BaseException as error:
         message = redact("".join(traceback.format_exception_only(type(error), error)).strip())
