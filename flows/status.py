@@ -80,12 +80,11 @@ def print_status(root: Path) -> int:
                 headline, key=lambda r: (STAGE_ORDER.index(r[0]) if r[0] in STAGE_ORDER else 99, order[r[1]])):
             spread = f" +- {std:.4g}" if std is not None else (f" [{low:.4g}, {high:.4g}]" if low is not None else "")
             print(f"  {stage:<16}{name:<6}{value:>10.4g}{spread:<22} N={n if n is not None else '?'}")
-    records = store.cache_records()
-    intact = [r for r in records if r[3] and not r[2].problems(store)]
-    print(f"\ncache: {len(intact)} intact of {len(records)} recorded outputs")
-    for stage, slot_key, manifest, complete in records:
-        problems = manifest.problems(store)
-        state = "intact" if complete and not problems else ("incomplete" if not complete else "damaged")
+    # Each output's files are hashed once: a store's artifacts can be gigabytes.
+    cached = [(stage, manifest, "incomplete" if not complete else ("damaged" if manifest.problems(store) else "intact"))
+              for stage, _slot_key, manifest, complete in store.cache_records()]
+    print(f"\ncache: {sum(state == 'intact' for *_, state in cached)} intact of {len(cached)} recorded outputs")
+    for stage, manifest, state in cached:
         print(f"  {stage:<16}{state:<11}{manifest.rows:>8} rows  {manifest.root}")
     if failures:
         print("\nrecent failures:")
