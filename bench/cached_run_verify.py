@@ -53,7 +53,7 @@ def _write_blobs(ctx) -> StageOutput:
     return StageOutput(tables={}, summary={"bytes": total, "files": files})
 
 
-registry.STAGES[STAGE] = Stage(STAGE, "bench: random bytes", IngestConfig, fixed_inputs(), _write_blobs,
+registry.stages()[STAGE] = Stage(STAGE, "bench: random bytes", IngestConfig, fixed_inputs(), _write_blobs,
                                code="tasks.hashing")
 
 

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from models.diffusion import GaussianDiffusion  # noqa: E402
 from models.dit import DiT, DiTConfig  # noqa: E402
 from models.maskgit import MaskGIT, MaskGITConfig  # noqa: E402
-from models.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
+from models.tokenizer_config import TokenizerConfig  # noqa: E402
 from tasks.config import SamplingConfig, TrainGeneratorConfig  # noqa: E402
 from tasks.train_generator.kinds import KINDS  # noqa: E402
 from tasks.train_generator.read import Generator  # noqa: E402

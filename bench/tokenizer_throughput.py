@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from models.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
+from models.tokenizer_config import TokenizerConfig  # noqa: E402
 from tasks.presets import load_config  # noqa: E402
 
 # The paper's single-stage TiTok models: (size, latent tokens) with a 4096 x 12 VQ, patch 16.

@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("tok1d").setLevel(logging.INFO)
 
-    from tasks.config import ConfigError
-    from tasks.presets import available_presets, load_config
-
+    # Each command imports what it needs, here rather than at the top: `presets` and `status` read
+    # files only and must answer within 2 s (tests/flows/test_cli_fast.py keeps torch out), and
+    # `status` has no use for the config sections, whose pydantic models take a while to build.
     if args.command == "presets":
+        from tasks.presets import available_presets
+
         for name, description in available_presets().items():
             print(f"{name:<24}{description}")
         return 0
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         from flows.sweep import run_sweep_cli
 
         return run_sweep_cli(args)
+
+    from tasks.config import ConfigError
+    from tasks.presets import load_config
 
     try:
         load_config(args.preset, args.overrides)  # fail fast, before Prefect starts

@@ -7,7 +7,7 @@ import logging
 from flows.stage_task import current_flow_run_id, run_stage_in_flow
 from tasks import lineage
 from tasks.cache import git_revision
-from tasks.presets import PipelineConfig
+from tasks.pipeline_config import PipelineConfig
 from tasks.registry import STAGE_ORDER, get_stage
 from tasks.runner import StageResult
 from tasks.store import Store

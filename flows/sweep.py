@@ -42,7 +42,8 @@ from flows.pipeline import run_pipeline
 from models.metrics import paired_difference
 from tasks import lineage
 from tasks.config import ConfigError
-from tasks.presets import PipelineConfig, load_config, parse_override
+from tasks.pipeline_config import PipelineConfig
+from tasks.presets import load_config, parse_override
 from tasks.registry import STAGE_ORDER
 from tasks.hashing import hash_value
 from tasks.runner import StageResult

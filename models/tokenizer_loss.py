@@ -9,7 +9,6 @@ is used instead when the `lpips` package and its weights are available, see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,29 +20,7 @@ from torch.func import functional_call
 
 from models.discriminator import PatchDiscriminator
 from models.tokenizer import TokenizerOutput
-
-
-@dataclass
-class TokenizerLossConfig:
-    l2_weight: float = 1.0
-    perceptual_weight: float = 1.0
-    perceptual_resize: int = 224  # feature-net input size; >= 75 for Inception
-    gan_weight: float = 0.1
-    gan_start_step: int = 0
-    lecam_weight: float = 0.001
-    lecam_decay: float = 0.999
-    discriminator_width: int = 64
-    discriminator_layers: int = 3
-    channels: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("l2_weight", "perceptual_weight", "gan_weight", "lecam_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TokenizerLossConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.lecam_decay < 1.0:
-            raise ValueError(f"lecam_decay must be in [0, 1), got {self.lecam_decay}")
-        if self.perceptual_resize < 1:
-            raise ValueError(f"perceptual_resize must be >= 1, got {self.perceptual_resize}")
+from models.tokenizer_loss_config import TokenizerLossConfig
 
 
 def _resize(images: Tensor, size: int) -> Tensor:

@@ -21,8 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("tasks", "models")
 # Not followed: a config module affects a stage's output only through the values of the stage's
 # section, and those are in the cache key already (its digest covers every field, defaults
-# included). Following it would tie every stage to models/tokenizer.py, whose dataclass the
-# config validates, so editing the tokenizer would re-ingest the data.
+# included). Following it would tie every stage to models/tokenizer_config.py, whose dataclass
+# the config validates, so editing the tokenizer's config would re-ingest the data. The stages
+# that build a tokenizer reach that module through models/tokenizer.py.
 CONFIG_MODULES = frozenset({"tasks.config"})
 # Bump to invalidate every cached stage output at once (e.g. after a change of store layout).
 STORE_FORMAT_VERSION = "1"

@@ -1,8 +1,10 @@
-"""Typed config sections of the pipeline's stages (tasks/presets.py assembles them into a run's
-`PipelineConfig` from the stage registry).
+"""Typed config sections of the pipeline's stages (tasks/pipeline_config.py assembles them into a
+run's `PipelineConfig` from the stage registry).
 
 Every section is a strict pydantic model: unknown keys and wrong types are rejected with a
 message naming the dotted key. The hash of a stage's section is part of that stage's cache key.
+No torch here: a model's config dataclass comes from its torch-free module (models/*_config.py),
+so loading presets and reading the lineage stay light.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
-from models.tokenizer import TokenizerConfig
-from models.tokenizer_loss import TokenizerLossConfig
+from models.tokenizer_config import TokenizerConfig
+from models.tokenizer_loss_config import TokenizerLossConfig
 from tasks.hashing import hash_value
 
 class ConfigError(ValueError):

@@ -1,52 +1,25 @@
-"""A run's whole configuration: YAML presets + `--set key=value` overrides -> `PipelineConfig`.
+"""A run's whole configuration: YAML presets + `--set key=value` overrides -> `PipelineConfig`
+(tasks/pipeline_config.py).
 
-`PipelineConfig` has one section per stage of the registry (tasks/registry.py), under the stage's
-name with "_" for "-", plus `runtime` (how to run, never in a cache key) and `stages` (what to
-run; validated against the registry).
+Reading presets and overrides needs no stage: `tok1d presets` lists them without importing the
+stage modules (torch); `load_config` imports them to validate the result.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import ValidationError, create_model, field_validator
+from pydantic import ValidationError
 
-from tasks.config import ConfigError, RuntimeConfig, Section
-from tasks.registry import STAGE_ORDER, STAGES
+from tasks.config import ConfigError
+from tasks.registry import STAGE_ORDER, get_stage
+
+if TYPE_CHECKING:
+    from tasks.pipeline_config import PipelineConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class PipelineBase(Section):
-    """The parts of a run's configuration that are not a stage's section."""
-
-    name: str
-    description: str = ""
-    # The stages to run, in any order; the run adds what they read (tasks/registry.py order).
-    stages: list[str] = list(STAGE_ORDER[:3])
-    runtime: RuntimeConfig = RuntimeConfig()
-
-    @field_validator("stages")
-    @classmethod
-    def _known_stages(cls, stages: list[str]) -> list[str]:
-        unknown = [stage for stage in stages if stage not in STAGES]
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
-        return stages
-
-    def section(self, stage: str) -> Section:
-        return getattr(self, stage.replace("-", "_"))
-
-
-PipelineConfig = create_model(
-    "PipelineConfig",
-    __base__=PipelineBase,
-    __doc__="A run's configuration: the base fields plus one section per registered stage.",
-    **{stage.section_key: (stage.config, stage.config()) for stage in STAGES.values()},
-)
-
 
 
 def available_presets() -> dict[str, str]:
@@ -134,6 +107,10 @@ def _describe(error: ValidationError) -> str:
 
 def load_config(preset: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Load a preset (name in configs/ or a YAML path), apply overrides, validate."""
+    # The stages' sections and plug-in checks come with their modules (torch): imported here, not
+    # with this module, so that reading presets stays light.
+    from tasks.pipeline_config import PipelineConfig
+
     raw = _load_raw(preset)
     raw.setdefault("name", Path(preset).stem)
     for text in overrides:
@@ -143,7 +120,8 @@ def load_config(preset: str = "default", overrides: list[str] | tuple[str, ...] 
         config = PipelineConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"invalid configuration for preset {preset!r}: {_describe(error)}") from None
-    for name, stage in STAGES.items():
+    for name in STAGE_ORDER:
+        stage = get_stage(name)
         if stage.check is not None:
             try:
                 stage.check(config.section(name))

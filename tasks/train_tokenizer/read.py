@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from models.tokenizer import Tokenizer, TokenizerConfig
+from models.tokenizer import Tokenizer
+from models.tokenizer_config import TokenizerConfig
 from tasks.store import Manifest, Store, read_json, write_json
 from tasks.training.export import save_weights
 

@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.ema import EMA, param_groups_for_adamw
 from models.inception import InceptionFeatures
-from models.tokenizer import Tokenizer, TokenizerConfig
+from models.tokenizer import Tokenizer
+from models.tokenizer_config import TokenizerConfig
 from tasks.config import TrainTokenizerConfig
 from tasks.embed_text.read import TextSource
 from tasks.features import FeatureCache, extractor_id

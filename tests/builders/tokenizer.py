@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from builders.store import commit_folder, commit_output, work_folder
-from models.tokenizer import Tokenizer, TokenizerConfig
+from models.tokenizer import Tokenizer
+from models.tokenizer_config import TokenizerConfig
 from tasks.config import RuntimeConfig, TrainTokenizerConfig
 from tasks.stage import StageContext, StageOutput
 from tasks.store import Manifest, Store

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models.quantizers import BOTTLENECKS, Bottleneck, KLBottleneck, VectorQuantizer, codebook_stats
-from models.tokenizer import TokenizerConfig
+from models.tokenizer_config import TokenizerConfig
 
 torch.set_num_threads(1)
 

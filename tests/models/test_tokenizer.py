@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from models.ema import EMA, param_groups_for_adamw
 from models.quantizers import BOTTLENECKS, KLBottleneck
-from models.tokenizer import TOKENIZER_SIZES, Tokenizer, TokenizerConfig, TokenizerOutput
+from models.tokenizer import Tokenizer, TokenizerOutput
+from models.tokenizer_config import TOKENIZER_SIZES, TokenizerConfig
 
 torch.set_num_threads(1)
 

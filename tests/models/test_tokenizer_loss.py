@@ -6,9 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.discriminator import PatchDiscriminator
-from models.tokenizer import Tokenizer, TokenizerConfig
-from models.tokenizer_loss import (LPIPSDistance, PerceptualLoss, TokenizerLoss, TokenizerLossConfig,
-                                   load_lpips_if_available)
+from models.tokenizer import Tokenizer
+from models.tokenizer_config import TokenizerConfig
+from models.tokenizer_loss import LPIPSDistance, PerceptualLoss, TokenizerLoss, load_lpips_if_available
+from models.tokenizer_loss_config import TokenizerLossConfig
 
 torch.set_num_threads(1)
 

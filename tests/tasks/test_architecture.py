@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tasks.code_version import REPO_ROOT, imported_modules, package_modules
-from tasks.registry import STAGE_ORDER, STAGES
+from tasks.registry import STAGE_ORDER, stages
 
 PACKAGES = ("models", "tasks", "flows")
 
@@ -65,8 +65,8 @@ def test_models_import_nothing_of_the_pipeline():
 def test_importing_tasks_does_not_import_prefect():
     # One fresh interpreter per module would be exact but costs ~10 s each on 2 cores; each module
     # is checked right after its own import instead, in one process.
-    modules = ["tasks.stage", *[STAGES[name].run.__module__ for name in STAGE_ORDER], "tasks.registry",
-               "tasks.runner", "tasks.presets"]
+    modules = ["tasks.stage", *[stages()[name].run.__module__ for name in STAGE_ORDER], "tasks.registry",
+               "tasks.runner", "tasks.presets", "tasks.pipeline_config"]
     code = (
         "import importlib, sys\n"
         f"for module in {modules!r}:\n"

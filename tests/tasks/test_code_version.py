@@ -54,10 +54,26 @@ def test_a_stage_depends_on_every_file_of_its_own_package(tree):
 def test_the_config_module_is_not_followed(tree):
     # A section's values are in the cache key; following tasks.config would tie ingest to the
     # tokenizer model whose dataclass the config validates.
-    assert "models.tokenizer" not in import_closure(package_modules("tasks.ingest", tree), tree)
+    closure = import_closure(package_modules("tasks.ingest", tree), tree)
+    assert not {"models.tokenizer", "models.tokenizer_config", "models.tokenizer_loss_config"} & closure
     before = version("tasks.ingest", tree)
     touch(tree, "models/tokenizer.py")
+    touch(tree, "models/tokenizer_config.py")
     assert version("tasks.ingest", tree) == before
+
+
+@pytest.mark.parametrize("stage", ["tasks.train_tokenizer", "tasks.pretokenize", "tasks.evaluate"])
+def test_stages_that_build_a_tokenizer_follow_its_config_dataclass(tree, stage):
+    # The dataclass lives apart from the network (so the config loads without torch), but its
+    # validation is code a tokenizer stage runs: the stage reaches it through models.tokenizer.
+    assert "models.tokenizer_config" in import_closure(package_modules(stage, tree), tree)
+    before = version(stage, tree)
+    touch(tree, "models/tokenizer_config.py")
+    assert version(stage, tree) != before
+
+
+def test_the_tokenizer_trainer_follows_its_loss_config(tree):
+    assert "models.tokenizer_loss_config" in import_closure(package_modules("tasks.train_tokenizer", tree), tree)
 
 
 def test_function_level_and_relative_imports_count(tmp_path):

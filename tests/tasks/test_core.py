@@ -46,7 +46,7 @@ TOY_STAGES = {"first": toy_stage("first", _first), "second": toy_stage("second",
 
 def use_stages(monkeypatch, stages: dict[str, Stage]) -> None:
     for name, stage in stages.items():
-        monkeypatch.setitem(registry.STAGES, name, stage)
+        monkeypatch.setitem(registry.stages(), name, stage)
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ from PIL import Image
 
 import tasks.evaluate.reference as reference
 import tasks.evaluate.stage as evaluate_stage
-from models.tokenizer import Tokenizer, TokenizerConfig
+from models.tokenizer import Tokenizer
+from models.tokenizer_config import TokenizerConfig
 from tasks.caption.backends import caption_id
 from tasks.config import EvaluateConfig, RuntimeConfig, SamplingConfig, TrainConfig, TrainGeneratorConfig
 from tasks.embed_text.read import load_text_embeddings

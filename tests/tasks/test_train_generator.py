@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.config import RuntimeConfig, SamplingConfig, TrainConfig, TrainGeneratorConfig
-from tasks.presets import PipelineConfig
+from tasks.pipeline_config import PipelineConfig
 from tasks.stage import StageContext
 from tasks.store import Manifest, Store
 from tasks.train_generator.kinds import KINDS, resolve_kind

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tasks.config import EmbedTextConfig, RuntimeConfig, TrainTokenizerConfig
 from tasks.embed_text.read import TextSource
-from tasks.presets import PipelineConfig
+from tasks.pipeline_config import PipelineConfig
 from tasks.runner import execute_stage
 from tasks.train_tokenizer.data import BatchLoader, TrainImages
 from tasks.train_tokenizer.read import load_tokenizer

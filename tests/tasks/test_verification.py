@@ -51,7 +51,7 @@ STAGES = {
 @pytest.fixture
 def toy(monkeypatch):
     for name, stage in STAGES.items():
-        monkeypatch.setitem(registry.STAGES, name, stage)
+        monkeypatch.setitem(registry.stages(), name, stage)
     CALLS.clear()
 
 
@@ -249,6 +249,6 @@ def test_verification_code_is_outside_every_stage_code_version():
     # would be recomputed): no stage may import the runner, cache or verification modules.
     from tasks.code_version import import_closure, package_modules
 
-    for stage in registry.STAGES.values():
+    for stage in registry.stages().values():
         reached = import_closure(package_modules(stage.package))
         assert not reached & {"tasks.fingerprints", "tasks.verify", "tasks.cache", "tasks.runner"}, stage.name
