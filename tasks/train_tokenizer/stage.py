@@ -22,10 +22,18 @@ def run_train_tokenizer(ctx: StageContext) -> StageOutput:
 
 
 def check_tokenizer(config: TrainTokenizerConfig) -> None:
-    """Plug-in names of the tokenizer section that are not in their tables."""
+    """The model section as the trainer will build it, checked when the config loads: a bad size
+    or token count fails before ingest runs, not after. The values the trainer derives from its
+    inputs (image size, text width) get stand-ins that pass, so only the section is judged."""
     if config.model.bottleneck not in BOTTLENECKS:
         raise ValueError(f"train_tokenizer.model.bottleneck: unknown bottleneck {config.model.bottleneck!r}; "
                          f"known: {sorted(BOTTLENECKS)}")
+    text = 1 if config.use_text else 0
+    try:
+        config.model.to_dataclass(image_size=max(config.model.patch_size, 1), channels=3, text_dim=text,
+                                  max_text_tokens=text)
+    except ValueError as error:
+        raise ValueError(f"train_tokenizer.model: {error}") from None
 
 
 def tokenizer_inputs(config) -> tuple[str, ...]:

@@ -73,6 +73,9 @@ def test_overrides_are_typed_and_validated():
         ("ingest.resolution=abc", "ingest.resolution: Input should be a valid integer"),
         ("ingest.source.kind=camera", "ingest.source.kind"),
         ("nonsense", "must look like key.path=value"),
+        # Model values the tokenizer rejects fail here, before any stage runs (not after ingest).
+        ("train_tokenizer.model.size=XXL", "train_tokenizer.model: TokenizerConfig.size='XXL'"),
+        ("train_tokenizer.model.num_latent_tokens=300", "train_tokenizer.model: num_latent_tokens=300 must be"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
