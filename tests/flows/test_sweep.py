@@ -350,7 +350,7 @@ def test_tokenizer_only_sweep_with_seeds_and_text_end_to_end(tmp_path):
                *(part for override in tiny for part in ("--set", override))]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    assert "text on - off, paired by seed" in result.stdout and "(n=2)" in result.stdout
+    assert "text on - off, paired by seed" in result.stdout and re.search(r"\(n=2, N=\d+\)", result.stdout)
 
     connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
     try:
