@@ -3,9 +3,11 @@ effect of each caption level against the same tokenizer without text (where that
 against the `class` caption (the object count only), at each token count.
 
     .venv/bin/python bench/shapes_sweep_report.py --store store/shapes [--sweeps ID,ID]
+    .venv/bin/python bench/shapes_sweep_report.py --results docs/results/shapes-<sweep id>.parquet
 
 Reads every sweep of the store (or the given ids) from `sweeps/*.parquet`, the same rows as the
-DuckDB view `sweep_results`, keeps the completed shapes-textok points and prints markdown.
+DuckDB view `sweep_results`, or one such file (the README's sweeps are kept in docs/results/),
+keeps the completed shapes-textok points and prints markdown.
 Differences are paired by seed (models.metrics.paired_difference: 95% t-interval, p-value);
 one is called real only when its interval excludes 0.
 """
@@ -29,8 +31,7 @@ LEVELS = (NO_TEXT, "class", "short", "detailed")
 METRICS = (("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("rkid", "rKID", "{:.4f}"), ("rfid", "rFID", "{:.1f}"))
 
 
-def load(store: Path, sweeps: list[str] | None) -> list[dict]:
-    pattern = (store / "sweeps" / "*.parquet").as_posix()
+def load(pattern: str, sweeps: list[str] | None) -> list[dict]:
     rows = duckdb.sql(f"select * from read_parquet('{pattern}', union_by_name = true) where status = 'completed'")
     records = [dict(zip(rows.columns, values)) for values in rows.fetchall()]
     if sweeps:
@@ -44,12 +45,15 @@ def load(store: Path, sweeps: list[str] | None) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", required=True, type=Path)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", type=Path, help="a store: every sweep in its sweeps/*.parquet")
+    source.add_argument("--results", type=Path, help="one sweep's rows (a sweeps/<id>.parquet file)")
     parser.add_argument("--sweeps", default=None, help="comma-separated sweep ids (default: all)")
     args = parser.parse_args()
-    records = load(args.store, args.sweeps.split(",") if args.sweeps else None)
+    pattern = (args.results if args.results else args.store / "sweeps" / "*.parquet").as_posix()
+    records = load(pattern, args.sweeps.split(",") if args.sweeps else None)
     if not records:
-        print(f"no completed shapes sweep points in {args.store / 'sweeps'}")
+        print(f"no completed shapes sweep points in {pattern}")
         return 1
     by_point: dict[tuple[int, str], dict[int, dict]] = {}
     for record in records:

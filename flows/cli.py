@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--until", default="evaluate", metavar="STAGE",
                        help="run each point up to this stage, e.g. pretokenize (default: %(default)s); "
                             "metrics of later stages are null")
+    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="run the points in N processes of cores/N torch threads each, then write the "
+                            "tables in one pass that finds them cached (default: %(default)s); small models "
+                            "on few cores finish about N times sooner")
+    sweep.add_argument("--part", default=None, help=argparse.SUPPRESS)  # K/N: one --jobs child's points
     sweep.add_argument("--store", default=DEFAULT_STORE)
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser

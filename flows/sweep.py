@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import time
+from argparse import Namespace
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows.pipeline import run_pipeline
+from flows.sweep_jobs import check_jobs, parse_part, run_jobs
 from models.metrics import paired_difference
 from tasks import lineage
 from tasks.config import ConfigError
@@ -54,6 +56,7 @@ log = logging.getLogger("tok1d")
 
 SWEEPS_DIR = "sweeps"
 EFFECTS_DIR = "effects"  # under SWEEPS_DIR, so the `sweeps/*.parquet` glob of the rows never sees it
+PARTS_DIR = "parts"  # under SWEEPS_DIR: the files of each `--jobs` child, outside the views' globs
 VIEW = "sweep_results"
 POINTS_VIEW = "sweep_points"
 EFFECTS_VIEW = "sweep_text_effects"
@@ -281,8 +284,8 @@ def result_row(sweep_id: str, point: GridPoint, until: str, results: dict[str, S
     return row
 
 
-def write_results(store: Store, sweep_id: str, rows: list[dict[str, Any]]) -> Path:
-    path = store.root / SWEEPS_DIR / f"{sweep_id}.parquet"
+def write_results(store: Store, sweep_id: str, rows: list[dict[str, Any]], folder: str = SWEEPS_DIR) -> Path:
+    path = store.root / folder / f"{sweep_id}.parquet"
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA), path)
     return path
 
@@ -431,9 +434,9 @@ def aggregate(rows: list[dict[str, Any]]) -> tuple[list[PointStats], list[TextEf
     return points, effects
 
 
-def write_effects(store: Store, sweep_id: str, effects: list[TextEffect]) -> Path:
+def write_effects(store: Store, sweep_id: str, effects: list[TextEffect], folder: str = SWEEPS_DIR) -> Path:
     # Written even when empty: the view's glob must match a file, and the file says "no pairs".
-    path = store.root / SWEEPS_DIR / EFFECTS_DIR / f"{sweep_id}.parquet"
+    path = store.root / folder / EFFECTS_DIR / f"{sweep_id}.parquet"
     write_parquet_atomic(pa.Table.from_pylist([asdict(effect) for effect in effects], schema=EFFECT_SCHEMA), path)
     return path
 
@@ -713,21 +716,27 @@ def check_until(until: str) -> str:
 @flow(name="sweep")
 def sweep(presets: list[str], token_counts: list[int] | None, store: str, overrides: list[str] | None = None,
           text: list[bool] | None = None, seeds: list[int] | None = None, axes: dict[str, list[str]] | None = None,
-          until: str = "evaluate") -> dict:
+          until: str = "evaluate", part: list[int] | None = None) -> dict:
     """Run every seed x preset x axes point up to `until`; returns the rows, statistics and files.
 
-    `token_counts`, `text`, `seeds` None: each preset's own setting. A failing run is recorded
-    (status "failed", its error) and the others still run; the flow fails at the end if any run
-    failed, after writing the tables, views and plot.
+    `token_counts`, `text`, `seeds` None: each preset's own setting. `part` [K, N]: only grid
+    points K, K+N, ... (one process of `--jobs N`, flows/sweep_jobs.py). A failing run is
+    recorded (status "failed", its error) and the others still run; the flow fails at the end if
+    any run failed, after writing the tables, views and plot.
     """
     overrides = list(overrides or [])
     until = check_until(until)
     grid = build_grid(presets, overrides, named_axes(token_counts, text, axes), seeds)
+    if part is not None:
+        grid = grid[part[0]::part[1]]
     target = Store(store)
     digest = hash_value({"presets": presets, "tokens": token_counts, "overrides": overrides, "text": text,
-                         "seeds": seeds, "axes": axes, "until": until})[:8]
+                         "seeds": seeds, "axes": axes, "until": until, **({"part": part} if part else {})})[:8]
     sweep_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest}"
-    rows = []
+    # A --jobs child's files stay out of the views: the parent's pass writes the sweep's rows.
+    folder = SWEEPS_DIR if part is None else f"{SWEEPS_DIR}/{PARTS_DIR}"
+    rows: list[dict[str, Any]] = []
+    table_path = write_results(target, sweep_id, rows, folder)
     for index, point in enumerate(grid, 1):
         log.info("sweep %s: %d/%d %s", sweep_id, index, len(grid), point.describe())
         try:
@@ -737,11 +746,11 @@ def sweep(presets: list[str], token_counts: list[int] | None, store: str, overri
             log.error("sweep %s: %s failed: %r", sweep_id, point.describe(), error)
             rows.append(result_row(sweep_id, point, until, None, error=f"{type(error).__name__}: {error}"))
         # Rewritten after every run: a killed sweep keeps what it finished.
-        table_path = write_results(target, sweep_id, rows)
+        table_path = write_results(target, sweep_id, rows, folder)
     points, effects = aggregate(rows)
-    effects_path = write_effects(target, sweep_id, effects)
-    views = [VIEW, POINTS_VIEW, EFFECTS_VIEW] if create_results_view(target) else []
-    plot_path = plot_sweep(points, effects, target.root / SWEEPS_DIR / f"{sweep_id}.png", f"sweep {sweep_id}")
+    effects_path = write_effects(target, sweep_id, effects, folder)
+    views = [VIEW, POINTS_VIEW, EFFECTS_VIEW] if part is None and create_results_view(target) else []
+    plot_path = plot_sweep(points, effects, target.root / folder / f"{sweep_id}.png", f"sweep {sweep_id}")
     _publish(points, effects, sweep_id)
     report = report_text(rows, points, effects)
     failed = [f"{grid[i].describe()}: {row['error']}" for i, row in enumerate(rows) if row["status"] == "failed"]
@@ -823,14 +832,19 @@ def run_sweep_cli(args) -> int:
         seeds = parse_seeds(args.seeds)
         axes = parse_axes(args.axes)
         until = check_until(args.until)
+        jobs = check_jobs(args.jobs)
+        part = parse_part(args.part)
         build_grid(presets, overrides, named_axes(counts, text, axes), seeds)  # fail fast, before Prefect starts
     except ConfigError as error:
         print(f"tok1d: {error}", file=sys.stderr)
         return 2
     store = Path(args.store).expanduser().resolve()
+    if jobs > 1 and part is None:
+        # The children compute the points; the pass below finds them cached and writes the tables.
+        run_jobs(Namespace(**{**vars(args), "store": store}), jobs)
     try:
         result = sweep(presets=presets, token_counts=counts, store=str(store), overrides=overrides, text=text,
-                       seeds=seeds, axes=axes, until=until)
+                       seeds=seeds, axes=axes, until=until, part=list(part) if part else None)
     except SweepFailed as error:
         print(f"\n{error.report}")
         print(f"\ntok1d: {error}", file=sys.stderr)
