@@ -21,6 +21,7 @@ import pytest
 from scipy import stats
 
 import flows.sweep as sweep_flow
+import flows.sweep_jobs as sweep_jobs
 from flows.cli import build_parser
 from flows.sweep import (
     SCHEMA,
@@ -267,6 +268,8 @@ def test_seeds_and_axes_reach_every_seeded_key_of_every_point():
         (["--seeds", "0,1", "--set", f"{SEED_KEYS[2]}=4"], "is also swept"),
         (["--text", "on", "--set", f"{TEXT_KEY}=false"], "is also swept"),
         (["--until", "sampling"], "--until 'sampling' is not a stage"),
+        (["--jobs", "0"], "--jobs 0: expected a number of processes >= 1"),
+        (["--part", "2/2"], "--part '2/2': expected K/N"),
     ],
 )
 def test_bad_sweep_arguments_fail_before_anything_runs(argv, message, monkeypatch, capsys):
@@ -276,6 +279,28 @@ def test_bad_sweep_arguments_fail_before_anything_runs(argv, message, monkeypatc
 
 
 # --------------------------------------------------------------------------- the flow, fabricated stages
+
+
+def test_jobs_split_the_grid_into_disjoint_parts_with_a_share_of_the_cores():
+    """`--jobs 3`: child K gets points K, K+3, ...; together the children cover the grid once,
+    each with cores/3 torch threads unless runtime.threads is set."""
+    args = sweep_args("--seeds", "0,1", "--tokens", "8,16", "--axis", "ingest.shard_rows=64,96,128",
+                      "--until", "ingest", "--jobs", "3", "--set", "ingest.source.max_images=50")
+    grid = build_grid(["smoke-textok"], args.overrides, named_axes([8, 16], None, parse_axes(args.axes)), [0, 1])
+    parts = [grid[k::3] for k in range(3)]
+    assert sorted(p.describe() for part in parts for p in part) == sorted(p.describe() for p in grid)
+    assert len(grid) == 12 and [len(part) for part in parts] == [4, 4, 4]
+
+    command = sweep_jobs.child_command(args, 1, 3, threads=2)
+    assert command[command.index("--part") + 1] == "1/3"
+    assert "runtime.threads=2" in command and "ingest.source.max_images=50" in command
+    assert command[command.index("--axis") + 1] == "ingest.shard_rows=64,96,128"
+    assert "--jobs" not in command  # a child never splits again
+    own = sweep_args("--jobs", "2", "--set", "runtime.threads=1")
+    assert [c for c in sweep_jobs.child_command(own, 0, 2, threads=4) if "threads" in c] == ["runtime.threads=1"]
+    assert (sweep_jobs.threads_per_job(2, cores=2), sweep_jobs.threads_per_job(3, cores=8),
+            sweep_jobs.threads_per_job(4, cores=2)) == (1, 2, 1)
+    assert sweep_jobs.parse_part(" 1 / 3 ") == (1, 3)
 
 
 def test_sweep_flow_records_every_run_and_fails_at_the_end(tmp_path, monkeypatch, capsys):
@@ -339,18 +364,23 @@ def test_sweep_flow_records_every_run_and_fails_at_the_end(tmp_path, monkeypatch
 
 
 def test_tokenizer_only_sweep_with_seeds_and_text_end_to_end(tmp_path):
-    """`tok1d sweep` for real: 2 seeds x text on/off of the smoke TexTok preset up to
-    train-tokenizer (5 training steps, few images), then the DuckDB views."""
+    """`tok1d sweep --jobs 2` for real: 2 seeds x text on/off of the smoke TexTok preset up to
+    train-tokenizer (5 training steps, few images) in two child processes, then the one pass
+    that finds every point cached and writes the tables and DuckDB views."""
     store = tmp_path / "store"
     tiny = ["ingest.source.max_images=120", "train_tokenizer.train.steps=5", "train_tokenizer.train.warmup_steps=1",
             "train_tokenizer.train.checkpoint_every=5", "train_tokenizer.eval_images=8",
             "train_tokenizer.eval_batch_size=8", "train_tokenizer.grid_images=4"]
     command = [sys.executable, "-m", "flows.cli", "sweep", "--presets", "smoke-textok", "--seeds", "0,1",
-               "--text", "on,off", "--until", "train-tokenizer", "--store", str(store),
+               "--text", "on,off", "--until", "train-tokenizer", "--store", str(store), "--jobs", "2",
                *(part for override in tiny for part in ("--set", override))]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert "text on - off, paired by seed" in result.stdout and re.search(r"\(n=2, N=\d+\)", result.stdout)
+    assert "sweep: 2 jobs x 1 torch thread(s)" in result.stdout or sweep_jobs.available_cores() != 2
+    logs = sorted((store / sweep_jobs.LOG_DIR).glob("*-job*.log"))
+    assert [log.name[-8:] for log in logs] == ["job0.log", "job1.log"]
+    assert all("train-tokenizer: done in" in log.read_text() for log in logs), "each child trained its points"
 
     connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
     try:
@@ -363,6 +393,8 @@ def test_tokenizer_only_sweep_with_seeds_and_text_end_to_end(tmp_path):
         effect = connection.execute("select n, seeds, ci_low <= difference and difference <= ci_high, p_value "
                                     "between 0 and 1 from sweep_text_effects where metric = 'psnr'").fetchall()
         stages = connection.execute("select distinct stage from stages").fetchall()
+        # The pass that writes the tables computed nothing: the children had.
+        final = connection.execute("select max(computed_stages), count(*) from sweep_results").fetchall()
     finally:
         connection.close()
     assert runs == [(text, seed, "completed", "train-tokenizer", True, True, None, True, None)
@@ -370,5 +402,6 @@ def test_tokenizer_only_sweep_with_seeds_and_text_end_to_end(tmp_path):
     assert points == [(False, 2, [0, 1], True, 2, 0), (True, 2, [0, 1], True, 2, 0)]
     assert "gfid" not in metrics and {"rfid", "psnr", "ssim"} <= metrics
     assert effect == [(2, [0, 1], True, True)]
+    assert final == [(0, 4)]
     # --until: no generator stage ran.
     assert {s for (s,) in stages} == {"ingest", "caption", "embed-text", "train-tokenizer"}
