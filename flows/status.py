@@ -1,4 +1,5 @@
-"""`tok1d status`: the latest run of each stage, the cache, and failures, from the lineage tables."""
+"""`tok1d status`: the latest run and its stages, stages only earlier runs touched, the cache, and
+the failures still open, from the lineage tables."""
 
 from __future__ import annotations
 
@@ -24,10 +25,37 @@ LATEST_METRICS_SQL = f"""
     qualify row_number() over (partition by m.stage, m.name order by m.event_time desc) = 1
 """
 
-LATEST_STAGES_SQL = """
-    select stage, status, cache_hit, output_artifact, started_at, ended_at, error, host, pid
-    from (select *, row_number() over (partition by stage order by event_time desc) as rn from stages)
-    where rn = 1
+LATEST_RUN_SQL = """
+    select run_id, flow, preset, status, started_at from runs order by started_at desc nulls last limit 1
+"""
+
+# The latest attempt of each stage: within one run (`run_id = ?`), or of stages no run since has touched.
+_STAGE_COLUMNS = "stage, status, cache_hit, output_artifact, started_at, ended_at, error, host, pid, run_id"
+RUN_STAGES_SQL = f"""
+    select {_STAGE_COLUMNS} from stages where run_id = $run
+    qualify row_number() over (partition by stage order by event_time desc) = 1
+"""
+EARLIER_STAGES_SQL = f"""
+    select {_STAGE_COLUMNS} from stages where stage not in (select stage from stages where run_id = $run)
+    qualify row_number() over (partition by stage order by event_time desc) = 1
+"""
+
+# A failure is fixed once a later attempt of the same stage with the same cache key (same inputs,
+# config and code) completed; only the others still need the user.
+_FIXED = """exists (select 1 from stages later where later.stage = f.stage
+                    and later.cache_key is not distinct from f.cache_key
+                    and later.status = 'completed' and later.event_time > f.event_time)"""
+OPEN_FAILURES_SQL = f"""
+    select f.stage, f.ended_at, f.error, f.run_id from stages f
+    where f.status = 'failed' and not {_FIXED} order by f.ended_at desc limit 5
+"""
+FIXED_FAILURES_SQL = f"select count(*) from stages f where f.status = 'failed' and {_FIXED}"
+RUNS_SQL = """
+    select count(*), count(*) filter (where status = 'failed'),
+           count(*) filter (where status = 'failed' and exists (
+               select 1 from runs later where later.config_hash = r.config_hash
+               and later.status = 'completed' and later.started_at > r.started_at))
+    from runs r
 """
 
 
@@ -58,6 +86,21 @@ def cache_state(store: Store, manifest: Manifest, complete: bool) -> str:
     return "damaged" if check.problems else ("intact" if check.intact else "unverified")
 
 
+def _stage_key(row: tuple) -> int:
+    return STAGE_ORDER.index(row[0]) if row[0] in STAGE_ORDER else len(STAGE_ORDER)
+
+
+def _print_stages(title: str, rows: list[tuple]) -> None:
+    if not rows:
+        return
+    print(f"{title}:")
+    print(f"{'stage':<18}{'status':<11}{'cached':<8}{'finished':<21}artifact")
+    for stage, status, cache_hit, artifact, _started, ended, error, host, pid, _run in sorted(rows, key=_stage_key):
+        finished = ended.strftime("%Y-%m-%d %H:%M:%S") if ended else "-"
+        print(f"{stage:<18}{shown_status(status, host, pid):<11}{'yes' if cache_hit else 'no':<8}{finished:<21}"
+              f"{artifact or error or '-'}")
+
+
 def print_status(root: Path) -> int:
     if not (root / "lineage").exists():
         print(f"no store at {root} (nothing has run there yet)")
@@ -65,24 +108,24 @@ def print_status(root: Path) -> int:
     store = Store(root)
     connection = lineage.connect(store)
     try:
-        runs = connection.execute(
-            "select count(*), count(*) filter (where status = 'failed') from runs"
-        ).fetchone()
-        # Pipeline order (the registry's); stages no longer registered go last.
-        latest = sorted(connection.execute(LATEST_STAGES_SQL).fetchall(),
-                        key=lambda row: STAGE_ORDER.index(row[0]) if row[0] in STAGE_ORDER else len(STAGE_ORDER))
+        total, failed, rerun = connection.execute(RUNS_SQL).fetchone()
+        latest_run = connection.execute(LATEST_RUN_SQL).fetchone()
+        run_id = latest_run[0] if latest_run else None
+        this_run = connection.execute(RUN_STAGES_SQL, {"run": run_id}).fetchall()
+        earlier = connection.execute(EARLIER_STAGES_SQL, {"run": run_id}).fetchall()
         headline = connection.execute(LATEST_METRICS_SQL).fetchall()
-        failures = connection.execute(
-            "select stage, ended_at, error from stages where status = 'failed' order by ended_at desc limit 5"
-        ).fetchall()
+        failures = connection.execute(OPEN_FAILURES_SQL).fetchall()
+        fixed = connection.execute(FIXED_FAILURES_SQL).fetchone()[0]
     finally:
         connection.close()
     print(f"store: {store.root}")
-    print(f"runs: {runs[0]} ({runs[1]} failed)\n")
-    print(f"{'stage':<18}{'status':<11}{'cached':<8}{'finished':<21}artifact")
-    for stage, status, cache_hit, artifact, _started, ended, error, host, pid in latest:
-        finished = ended.strftime("%Y-%m-%d %H:%M:%S") if ended else "-"
-        print(f"{stage:<18}{shown_status(status, host, pid):<11}{'yes' if cache_hit else 'no':<8}{finished:<21}{artifact or error or '-'}")
+    print(f"runs: {total} ({failed} failed" + (f", {rerun} of them rerun to completion" if failed else "") + ")")
+    if latest_run:
+        _, flow, preset, status, started = latest_run
+        when = started.strftime("%Y-%m-%d %H:%M:%S") if started else "-"
+        print(f"latest run: {run_id} ({flow}, preset {preset or '-'}) {status}, started {when}")
+    _print_stages("\nstages of the latest run", this_run)
+    _print_stages("\nstages the latest run did not include (their latest attempt, from earlier runs)", earlier)
     if headline:
         print("\nmetrics of the latest outputs (N = images or samples; KID +- std over subsets; 95% interval):")
         order = {name: i for i, name in enumerate(HEADLINE_METRICS)}
@@ -100,8 +143,11 @@ def print_status(root: Path) -> int:
         print("  (unverified: a file's stat differs from its fingerprint; the next run that hits it hashes it, "
               "`tok1d verify` hashes every file)")
     if failures:
-        print("\nrecent failures:")
-        for stage, ended, error in failures:
-            print(f"  {stage} at {ended:%Y-%m-%d %H:%M:%S}: {error}")
+        print("\nfailures no later attempt has fixed:")
+        for stage, ended, error, failed_run in failures:
+            print(f"  {stage} at {ended:%Y-%m-%d %H:%M:%S} (run {failed_run}): {error}")
+    if fixed:
+        print(f"\n{fixed} earlier failure(s) fixed since by a completed attempt of the same stage and inputs"
+              " (history: `select * from stages where status = 'failed'`)")
     print(f"\nquery: duckdb {store.duckdb_path} -c \"select stage, status, cache_hit from stages\"")
     return 0
