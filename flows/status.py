@@ -119,7 +119,7 @@ def print_status(root: Path) -> int:
     finally:
         connection.close()
     print(f"store: {store.root}")
-    print(f"runs: {total} ({failed} failed" + (f", {rerun} of them rerun to completion" if failed else "") + ")")
+    print(f"runs: {total} ({failed} failed" + (f", {rerun} of them rerun to completion" if rerun else "") + ")")
     if latest_run:
         _, flow, preset, status, started = latest_run
         when = started.strftime("%Y-%m-%d %H:%M:%S") if started else "-"
