@@ -144,6 +144,9 @@ class BatchLoader:
         self.rank, self.world = rank, world
         self.steps_per_epoch = len(images) // global_batch
         self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
+        # The prefetch runs in its own thread: were it a task of `pool`, its decode tasks would
+        # wait behind it for a free worker, which with one worker never comes (a deadlock).
+        self.prefetcher = ThreadPoolExecutor(1) if workers > 0 else None
         self._next: tuple[int, np.ndarray, Future] | None = None
         self._epoch_rows: tuple[int, np.ndarray] | None = None
 
@@ -173,11 +176,12 @@ class BatchLoader:
             batch = self._load(rows, step)
         if self.pool is not None:
             upcoming = self.rows_of(step + 1)
-            self._next = (step + 1, upcoming, self.pool.submit(self._load, upcoming, step + 1))
+            self._next = (step + 1, upcoming, self.prefetcher.submit(self._load, upcoming, step + 1))
         return batch
 
     def close(self) -> None:
         if self.pool is not None:
+            self.prefetcher.shutdown(wait=True, cancel_futures=True)
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
