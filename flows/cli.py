@@ -29,6 +29,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set ingest.source.max_images=500 (repeatable)",
     )
+    parser.add_argument(
+        "--flow", action="store_true",
+        help="run the Prefect flow even when every stage is cached (by default such a run is answered "
+             "from the store and recorded in lineage without starting Prefect)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,22 +124,36 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.config import ConfigError
     from tasks.presets import load_config
+    from tasks.registry import STAGE_ORDER
 
+    until = args.name if args.command == "stage" else None
+    if until is not None and until not in STAGE_ORDER:
+        print(f"tok1d: unknown stage {until!r}; stages: {', '.join(STAGE_ORDER)}", file=sys.stderr)
+        return 2
     try:
-        load_config(args.preset, args.overrides)  # fail fast, before Prefect starts
+        config = load_config(args.preset, args.overrides)  # fail fast, before Prefect starts
     except ConfigError as error:
         print(f"tok1d: {error}", file=sys.stderr)
         return 2
+    store = Path(args.store).expanduser().resolve()
+    flow_name = "full-pipeline" if until is None else f"stage-{until}"
+    if not args.flow and (store / "cache").is_dir():
+        from flows.run_plan import plan_cached_run, record_cached_run, summaries
+        from tasks.store import Store
+
+        cached = plan_cached_run(config, Store(store), until)
+        if cached is not None:
+            results = record_cached_run(config, Store(store), cached, preset=args.preset, flow=flow_name)
+            print(f"every stage of {flow_name} is cached: answered from the store without starting Prefect "
+                  "(--flow starts the flow anyway)")
+            _print_results(summaries(results), store)
+            return 0
     from flows.full_pipeline import STAGE_FLOWS, full_pipeline
 
-    store = Path(args.store).expanduser().resolve()
-    if args.command == "run":
+    if until is None:
         results = full_pipeline(preset=args.preset, store=str(store), overrides=args.overrides)
     else:
-        if args.name not in STAGE_FLOWS:
-            print(f"tok1d: unknown stage {args.name!r}; stages: {', '.join(STAGE_FLOWS)}", file=sys.stderr)
-            return 2
-        results = STAGE_FLOWS[args.name](preset=args.preset, store=str(store), overrides=args.overrides)
+        results = STAGE_FLOWS[until](preset=args.preset, store=str(store), overrides=args.overrides)
     _print_results(results, store)
     return 0
 

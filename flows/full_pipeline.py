@@ -5,16 +5,10 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.pipeline import run_pipeline
+from flows.run_plan import summaries
 from tasks.presets import load_config
 from tasks.registry import STAGE_ORDER
 from tasks.store import Store
-
-
-def _summaries(results) -> dict[str, dict]:
-    return {
-        name: {"artifact": r.manifest.root, "rows": r.manifest.rows, "cache_hit": r.cache_hit, **r.manifest.summary}
-        for name, r in results.items()
-    }
 
 
 @flow(name="full-pipeline")
@@ -22,14 +16,14 @@ def full_pipeline(preset: str = "default", store: str = "store", overrides: list
     """Every stage of the preset, in order; completed stages come back from the cache."""
     config = load_config(preset, overrides or [])
     results = run_pipeline(config, Store(store), preset=preset, flow="full-pipeline")
-    return _summaries(results)
+    return summaries(results)
 
 
 def _stage_flow(stage: str):
     def run_stage(preset: str = "default", store: str = "store", overrides: list[str] | None = None) -> dict[str, dict]:
         config = load_config(preset, overrides or [])
         results = run_pipeline(config, Store(store), preset=preset, flow=f"stage-{stage}", until=stage)
-        return _summaries(results)
+        return summaries(results)
 
     run_stage.__name__ = f"{stage.replace('-', '_')}_flow"
     run_stage.__doc__ = f"Stage `{stage}`, with the stages it reads coming back from the cache when possible."

@@ -26,19 +26,12 @@ from pathlib import Path
 from typing import IO
 
 from tasks.config import ConfigError
+from tasks.cores import available_cores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = Path("sweeps") / "logs"
 # Lines of the children's tok1d logger ("12:44:37 ingest: done in 3.7s ..."), not progress bars.
 _LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \S")
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def threads_per_job(jobs: int, cores: int | None = None) -> int:

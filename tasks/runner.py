@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from tasks import lineage
 from tasks.cache import CacheSlot, git_revision, resolve_slot, stage_cache_key
 from tasks.code_version import code_version
 from tasks.config import RuntimeConfig, Section
+from tasks.cores import ThreadGovernor
 from tasks.fingerprints import record_commit, stat_folder
 from tasks.hashing import hash_value
 from tasks.progress import publish_summary_table
@@ -149,10 +151,8 @@ def _compute(
     stage_run_id, started = common["stage_run_id"], common["started_at"]
     lineage.record_stage_event(store, status="running", **common)
     context = StageContext(stage_name, section, inputs, store, runtime, plan.slot.slot_key, work_dir)
-    if runtime.threads:
-        import torch  # only when asked to: ingest and caption never need torch
-
-        torch.set_num_threads(runtime.threads)
+    if "torch" in sys.modules:  # a run of ingest or caption alone never imports torch
+        ThreadGovernor(stage_name, runtime.threads).start()
     try:
         _check_injected_fault(stage_name)
         output = stage.run(context)

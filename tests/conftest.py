@@ -22,7 +22,9 @@ import torch  # noqa: E402
 
 # Under pytest-xdist (test.sh runs two workers) the workers share the cores: two torch threads
 # per process with other load run up to 10x slower here, one thread each degrades gracefully.
+# A fixed count (OMP_NUM_THREADS, seen by the `tok1d` subprocesses tests start too) also keeps
+# tok1d's thread governor from changing it mid-run, which bitwise resume tests rely on.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _workers > 1:  # the `tok1d` subprocesses tests start, too
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _workers))
+_threads = max(1, min(2, os.cpu_count() or 1) // _workers)
+os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+torch.set_num_threads(_threads)

@@ -150,8 +150,9 @@ def _read_history(path: Path, up_to_step: int) -> list[dict[str, float]]:
     return history
 
 
-def train(run: TrainingRun) -> TrainingResult:
-    """Run (or resume) to `total_steps`; checkpoints every `checkpoint_every` and at the end."""
+def train(run: TrainingRun, on_step: Callable[[], None] | None = None) -> TrainingResult:
+    """Run (or resume) to `total_steps`; checkpoints every `checkpoint_every` and at the end.
+    `on_step` is called after every step (the thread governor follows the load there)."""
     processes = run.processes
     for optimizer in run.optimizers.values():
         for group in optimizer.param_groups:
@@ -192,6 +193,8 @@ def train(run: TrainingRun) -> TrainingResult:
                 barrier(processes)
             if progress is not None:
                 progress.update(1, **{k: f"{v:.4g}" for k, v in list(logs.items())[:3]})
+            if on_step is not None:
+                on_step()
     finally:
         if progress is not None:
             progress.close()

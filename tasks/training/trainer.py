@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tasks.config import Section, TrainConfig
+from tasks.cores import ThreadGovernor
 from tasks.stage import StageOutput
 from tasks.training.data import EpochOrder
 from tasks.training.distributed import Processes, barrier
@@ -72,11 +73,11 @@ class Trainer(ABC):
 
 def fit(job: TrainingJob, processes: Processes) -> StageOutput | None:
     """Train (or resume) this process's part of the job; the main process exports and returns the output."""
-    if job.runtime.threads:
-        torch.set_num_threads(job.runtime.threads)
+    threads = ThreadGovernor(job.stage, job.runtime.threads, share=processes.world)
+    threads.start()
     trainer = job.trainer_class()(job, processes)
     try:
-        result = train(trainer.training_run())
+        result = train(trainer.training_run(), on_step=threads.tick)
     finally:
         trainer.close()
     barrier(processes)  # every process has finished its last step before the main one exports

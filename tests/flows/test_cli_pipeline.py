@@ -39,8 +39,14 @@ def test_run_twice_then_everything_is_cached_and_status_agrees_with_duckdb(tmp_p
     store = tmp_path / "store"
     first = tok1d("run", "--preset", "smoke", "--store", str(store), "--set", DATA_STAGES)
     assert stage_results(first.stdout) == {"ingest": "computed", "caption": "computed", "embed-text": "computed"}
-    second = tok1d("run", "--preset", "smoke", "--store", str(store), "--set", DATA_STAGES)
+    # No Prefect server can be reached at this address: the fully cached run must not need one.
+    offline = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    second = tok1d("run", "--preset", "smoke", "--store", str(store), "--set", DATA_STAGES, env=offline)
     assert stage_results(second.stdout) == {"ingest": "cached", "caption": "cached", "embed-text": "cached"}
+    assert "every stage of full-pipeline is cached: answered from the store without starting Prefect" in second.stdout
+    third = tok1d("run", "--preset", "smoke", "--store", str(store), "--set", DATA_STAGES, "--flow")
+    assert stage_results(third.stdout) == {"ingest": "cached", "caption": "cached", "embed-text": "cached"}
+    assert "without starting Prefect" not in third.stdout
 
     status = tok1d("status", "--store", str(store)).stdout
     connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
@@ -50,8 +56,8 @@ def test_run_twice_then_everything_is_cached_and_status_agrees_with_duckdb(tmp_p
     runs = connection.execute("select count(*), count(*) filter (where status = 'completed') from runs").fetchone()
     connection.close()
     assert sorted(latest) == [("caption", "completed", True), ("embed-text", "completed", True), ("ingest", "completed", True)]
-    assert runs == (2, 2)
-    assert "runs: 2 (0 failed)" in status
+    assert runs == (3, 3)
+    assert "runs: 3 (0 failed)" in status
     for stage, state, cache_hit in latest:
         line = next(l for l in status.splitlines() if l.startswith(stage + " "))
         assert state in line and ("yes" if cache_hit else "no") in line

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.pipeline import stages_to_run
+from flows.run_plan import stages_to_run
 from tasks.presets import load_config
 from tasks.registry import get_stage
 from tasks.runner import StageResult, execute_stage, plan_stage_run
