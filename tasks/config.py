@@ -146,6 +146,8 @@ class IngestConfig(Section):
     shard_rows: int = 4096
     # Pillow's decompression-bomb guard; larger images are rejected with a reason.
     max_image_pixels: int = 64_000_000
+    # Larger files are rejected unread (a 512 MiB default: no sane image is bigger).
+    max_file_bytes: int = 512 << 20
 
 
 # --------------------------------------------------------------------------- captions

@@ -10,6 +10,13 @@ table (and as `rejected_<reason>` in the stage summary):
     too-large     more pixels than `max_image_pixels` (Pillow's decompression-bomb guard)
     bad-svg       an SVG that cairosvg cannot parse or render
     unsupported-mode  a pixel format with no sensible RGB meaning
+
+and, before any byte is read (tasks/ingest/process.py, tasks/ingest/sources/folder.py):
+
+    not-a-file      a named pipe, socket or device (reading could block forever)
+    file-too-large  more bytes than `ingest.max_file_bytes`
+    outside-source  a symlink leading out of the source folder (never followed)
+    unreadable      the operating system refused to read it
 """
 
 from __future__ import annotations

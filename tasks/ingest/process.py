@@ -6,6 +6,8 @@ A plain module-level function of picklable arguments, so a process pool can run 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +40,15 @@ class Rejected:
     detail: str
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, max_bytes: int) -> bytes:
+    """The file's bytes; a named pipe, socket or device (reading could block forever) and a file
+    over `max_bytes` (reading it whole could exhaust memory) are rejected without being opened."""
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageRejected("not-a-file", "a named pipe, socket or device, not a regular file")
+        if info.st_size > max_bytes:
+            raise ImageRejected("file-too-large", f"{info.st_size} bytes > ingest.max_file_bytes={max_bytes}")
         return Path(path).read_bytes()
     except OSError as error:
         raise ImageRejected("unreadable", f"{type(error).__name__}: {error}") from error
@@ -53,13 +62,13 @@ def _decode(item: Item, config: IngestConfig) -> tuple[str, np.ndarray, tuple[in
         rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
         return hashlib.sha256(item.data).hexdigest(), rgb, (item.shape[1], item.shape[0])
     if item.kind == "hf":
-        data = item.data if item.data is not None else _read(item.path or "")
+        data = item.data if item.data is not None else _read(item.path or "", config.max_file_bytes)
         image = open_image(data, config.max_image_pixels)
         image_id = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
         return image_id, to_rgb(image), image.size
     if item.kind == "file":
         assert item.path is not None
-        data = _read(item.path)
+        data = _read(item.path, config.max_file_bytes)
         image_id = hashlib.sha256(data).hexdigest()
         if item.path.lower().endswith(".svg"):
             if not config.source.rasterize_svg:

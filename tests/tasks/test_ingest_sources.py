@@ -201,6 +201,61 @@ def test_folder_classes_captions_order_and_filters(tmp_path):
     ]
 
 
+def test_folder_never_follows_a_symlink_out_of_the_source(tmp_path):
+    from tasks.config import IngestConfig
+    from tasks.ingest.fingerprint import source_fingerprint
+
+    secret = tmp_path / "elsewhere"
+    secret.mkdir()
+    (secret / "private.png").write_bytes(png_bytes((7, 7, 7)))
+    root = tmp_path / "pets"
+    (root / "dog").mkdir(parents=True)
+    (root / "dog" / "a.png").write_bytes(png_bytes((1, 1, 1)))
+    (root / "leak").symlink_to(secret, target_is_directory=True)  # a class folder leading out
+    (root / "dog" / "stolen.png").symlink_to(secret / "private.png")  # a file leading out
+    (root / "alias").symlink_to(root / "dog", target_is_directory=True)  # stays inside: followed once
+
+    source = open_source(SourceConfig(kind="folder", path=str(root)))
+    assert source.classes == ["alias", "dog"]
+    items = {item.source: item for item in source.items(0, len(source))}
+    assert items["leak"].reject[0] == "outside-source" and str(secret) in items["leak"].reject[1]
+    assert items["dog/stolen.png"].reject[0] == "outside-source"
+    assert items["dog/a.png"].reject is None
+    assert not any("private" in name for name in items)
+
+    config = IngestConfig(source=SourceConfig(kind="folder", path=str(root)))
+    before = source_fingerprint(config)
+    (secret / "private.png").write_bytes(png_bytes((8, 8, 8), (9, 9)))  # outside: not read, not a key
+    assert source_fingerprint(config) == before
+    inside = root / "cats"
+    inside.mkdir()
+    (inside / "c.png").write_bytes(png_bytes((3, 3, 3)))
+    (root / "dog" / "more").symlink_to(inside, target_is_directory=True)
+    keyed = source_fingerprint(config)
+    (inside / "c.png").write_bytes(png_bytes((4, 4, 4), (8, 8)))  # a changed image in a linked folder
+    assert source_fingerprint(config) != keyed
+
+
+def test_a_named_pipe_or_an_oversized_file_is_rejected_unread(tmp_path):
+    import os
+
+    from tasks.config import IngestConfig
+    from tasks.ingest.process import Rejected, process_item
+
+    root = tmp_path / "pets"
+    (root / "dog").mkdir(parents=True)
+    os.mkfifo(root / "dog" / "pipe.png")  # opening it for reading would block forever
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "dog" / "big.png")  # ~3 kB: over the 200-byte limit below
+    (root / "dog" / "ok.png").write_bytes(png_bytes((1, 2, 3)))
+    source = open_source(SourceConfig(kind="folder", path=str(root)))
+    config = IngestConfig(source=SourceConfig(kind="folder", path=str(root)), max_file_bytes=200)
+    outcomes = {item.source: process_item(item, config)[1] for item in source.items(0, len(source))}
+    assert outcomes["dog/pipe.png"] == Rejected("not-a-file", "a named pipe, socket or device, not a regular file")
+    assert isinstance(outcomes["dog/big.png"], Rejected) and outcomes["dog/big.png"].reason == "file-too-large"
+    assert not isinstance(outcomes["dog/ok.png"], Rejected)
+
+
 def test_folder_errors_are_clear(tmp_path):
     with pytest.raises(SourceError, match="needs ingest.source.path"):
         open_source(SourceConfig(kind="folder"))

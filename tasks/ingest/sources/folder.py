@@ -27,25 +27,68 @@ class FileEntry:
     reject: tuple[str, str] | None = None
 
 
-def walk_files(directory: Path, extensions: frozenset[str]) -> list[Path]:
-    """Files under `directory` (any depth, symlinks followed once) with one of the extensions."""
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def walk_tree(root: Path, skip_hidden: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every file under `root` (any depth), and the symlinks that lead out of it with their targets.
+
+    Symlinks that stay inside `root` are followed (each folder once: loops and folders linked
+    twice are walked once); one that leads out is never followed, so a source folder cannot make
+    ingest read (or fingerprint) files elsewhere on the machine.
+    """
+    real_root = os.path.realpath(root)
     found: list[Path] = []
+    escaped: list[tuple[Path, str]] = []
     seen: set[str] = set()
-    for current, dirs, files in os.walk(directory, followlinks=True):
+    for current, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(current)
-        if real in seen:  # a symlink loop, or the same folder linked twice
+        if real in seen:
             dirs.clear()
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in extensions:
-                found.append(Path(current) / name)
-    return found
+        kept = []
+        # Real folders before symlinked ones, so a folder linked under another name keeps its own.
+        for name in sorted(dirs, key=lambda d: ((Path(current) / d).is_symlink(), d)):
+            path = Path(current) / name
+            if skip_hidden and name.startswith("."):
+                continue
+            if path.is_symlink() and not _inside(os.path.realpath(path), real_root):
+                escaped.append((path, os.path.realpath(path)))
+            else:
+                kept.append(name)
+        dirs[:] = kept
+        for name in sorted(files):
+            path = Path(current) / name
+            if skip_hidden and name.startswith("."):
+                continue
+            if path.is_symlink() and not _inside(os.path.realpath(path), real_root):
+                escaped.append((path, os.path.realpath(path)))
+            else:
+                found.append(path)
+    return found, escaped
+
+
+def walk_files(directory: Path, extensions: frozenset[str]) -> tuple[list[Path], list[FileEntry]]:
+    """Files under `directory` with one of the extensions, and a rejected entry per symlink out of it."""
+    files, escaped = walk_tree(directory)
+    rejects = [
+        FileEntry(path.relative_to(directory).as_posix(), None, None,
+                  ("outside-source", f"a symlink to {target}, outside the source folder {directory}: not followed"))
+        for path, target in escaped
+        if path.suffix.lower() in extensions or os.path.isdir(path)
+    ]
+    return [path for path in files if path.suffix.lower() in extensions], rejects
 
 
 def class_folders(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The class names: first-level subfolders, except hidden ones and symlinks leading out of `root`."""
+    real_root = os.path.realpath(root)
+    return sorted(
+        p.name for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and _inside(os.path.realpath(p), real_root)
+    )
 
 
 def read_text(path: Path) -> str:
@@ -103,8 +146,8 @@ def open_folder(config: SourceConfig) -> Source:
     if not root.is_dir():
         raise SourceError(f"ingest.source.path {root} is not a folder")
     classes = class_folders(root)
-    entries = []
-    for path in walk_files(root, IMAGE_EXTENSIONS):
+    files, entries = walk_files(root, IMAGE_EXTENSIONS)
+    for path in files:
         relative = path.relative_to(root)
         caption = path.with_suffix(".txt")
         caption_path = caption.relative_to(root).as_posix() if caption.is_file() else None

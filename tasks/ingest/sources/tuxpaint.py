@@ -56,8 +56,8 @@ def open_tuxpaint(config: SourceConfig) -> Source:
             f"(apt-get install {DEBIAN_PACKAGE}) or set ingest.source.path to a stamps folder"
         )
     classes = class_folders(root)
-    entries = []
-    for path in pick_stamp_files(walk_files(root, EXTENSIONS), config.rasterize_svg):
+    files, entries = walk_files(root, EXTENSIONS)
+    for path in pick_stamp_files(files, config.rasterize_svg):
         relative = path.relative_to(root)
         caption = caption_file(path)
         caption_path = caption.relative_to(root).as_posix() if caption is not None else None
