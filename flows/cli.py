@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="hash every artifact file again; exit 1 if any is missing or altered")
     verify.add_argument("--store", default=DEFAULT_STORE)
     verify.add_argument("--stage", default=None, help="only this stage's artifacts, e.g. ingest")
+    gc = commands.add_parser("gc", help="move damaged lineage files aside so every DuckDB query works again")
+    gc.add_argument("--store", default=DEFAULT_STORE)
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be moved")
     commands.add_parser("presets", help="list the presets in configs/")
     sweep = commands.add_parser(
         "sweep", help="presets x axes (tokens, text on/off, any key) x seeds through the pipeline; "
@@ -117,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from flows.verify import print_verification
 
         return print_verification(Path(args.store).expanduser(), args.stage)
+    if args.command == "gc":
+        from flows.gc import print_gc
+
+        return print_gc(Path(args.store).expanduser().resolve(), args.dry_run)
     if args.command == "sweep":
         from flows.sweep import run_sweep_cli
 

@@ -8,6 +8,7 @@ store (under a file lock, retried if a user holds the file open) and read-only a
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -25,6 +26,9 @@ from tasks.store import Manifest, Store, exclusive_lock
 from tasks.tables import write_parquet_atomic
 
 VIEWS_VERSION = "3"
+# Damaged lineage files go here, outside the views' globs (`tok1d gc`).
+QUARANTINE_DIR = "lineage-quarantine"
+log = logging.getLogger("tok1d")
 
 _TS = pa.timestamp("us", tz="UTC")
 SCHEMAS: dict[str, pa.Schema] = {
@@ -155,13 +159,48 @@ def _ensure_seed_files(store: Store) -> None:
             write_parquet_atomic(schema.empty_table(), seed)
 
 
-def define_views(connection: duckdb.DuckDBPyConnection, store: Store, temporary: bool = False) -> None:
+def _intact(path: Path) -> bool:
+    """Whether a lineage file is a whole Parquet file (magic at both ends, a footer that fits).
+
+    Records are renamed into place whole, so only outside damage (a full disk under a copy, a
+    crashed file system) leaves a cut file; its end, where Parquet keeps the footer, is gone.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            size = handle.seek(0, os.SEEK_END)
+            if size < 12:
+                return False
+            handle.seek(size - 8)
+            tail = handle.read(8)
+    except OSError:
+        return False
+    return head == b"PAR1" and tail[4:] == b"PAR1" and int.from_bytes(tail[:4], "little") <= size - 12
+
+
+def damaged_files(store: Store) -> list[Path]:
+    """Lineage files that are not whole Parquet files: each breaks every query over its table."""
+    return [path for table in SCHEMAS for path in sorted(_table_dir(store, table).glob("*.parquet")) if not _intact(path)]
+
+
+def _sql_path(path: Path) -> str:
+    return "'" + path.as_posix().replace("'", "''") + "'"
+
+
+def define_views(connection: duckdb.DuckDBPyConnection, store: Store, temporary: bool = False,
+                 skip: frozenset[Path] = frozenset()) -> None:
+    """The lineage views; tables with a file in `skip` list their other files instead of a glob
+    (only for temporary views: a stored view must keep seeing the files written after it)."""
     kind = "temp view" if temporary else "view"
     for table in SCHEMAS:
-        pattern = (_table_dir(store, table) / "*.parquet").as_posix().replace("'", "''")
-        connection.execute(
-            f"create or replace {kind} {table} as select * from read_parquet('{pattern}', union_by_name = true)"
-        )
+        folder = _table_dir(store, table)
+        damaged = [path for path in skip if path.parent == folder]
+        if damaged:
+            files = ", ".join(_sql_path(p) for p in sorted(folder.glob("*.parquet")) if p not in skip)
+            source = f"[{files}]"
+        else:
+            source = _sql_path(folder / "*.parquet")
+        connection.execute(f"create or replace {kind} {table} as select * from read_parquet({source}, union_by_name = true)")
     for view, sql in VIEW_SQL.items():
         connection.execute(f"create or replace {kind} {view} as {sql}")
 
@@ -178,6 +217,7 @@ def ensure_database(store: Store, attempts: int = 20) -> bool:
     give up quietly: the records are safe in Parquet and the views are created on a later run.
     """
     _ensure_seed_files(store)
+    warn_damaged(store)
     # The views hold absolute paths: redefine them if the store moved or the views changed.
     marker = store.root / "lineage" / ".views"
     expected = f"{VIEWS_VERSION} {store.root.as_posix()}"
@@ -208,12 +248,34 @@ def ensure_database(store: Store, attempts: int = 20) -> bool:
     return False
 
 
+def warn_damaged(store: Store) -> list[Path]:
+    """Log one warning per damaged lineage file (see `damaged_files`) and return them."""
+    damaged = damaged_files(store)
+    for path in damaged:
+        log.warning("lineage: %s is not a whole Parquet file: skipped here; queries of experiments.duckdb "
+                    "fail until `tok1d gc --store %s` moves it to %s", path, store.root, QUARANTINE_DIR)
+    return damaged
+
+
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with the lineage views: never locks the experiments file."""
+    """An in-memory connection with the lineage views: never locks the experiments file; damaged
+    lineage files are skipped with a warning."""
     _ensure_seed_files(store)
     connection = duckdb.connect()
-    define_views(connection, store, temporary=True)
+    define_views(connection, store, temporary=True, skip=frozenset(warn_damaged(store)))
     return connection
+
+
+def quarantine_damaged(store: Store, dry_run: bool = False) -> list[tuple[Path, Path]]:
+    """Move damaged lineage files to `<store>/lineage-quarantine/<table>/` (kept, never deleted)."""
+    moves = []
+    for path in damaged_files(store):
+        target = store.root / QUARANTINE_DIR / path.parent.name / path.name
+        if not dry_run:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        moves.append((path, target))
+    return moves
 
 
 # ---------------------------------------------------------------------------- records

@@ -63,3 +63,37 @@ def test_status_shows_the_latest_run_apart_from_history_and_only_open_failures(t
     assert "evaluate" in open_failures and "reference batch missing" in open_failures
     assert "CUDA out of memory" not in out  # fixed by s2, so only counted
     assert "1 earlier failure(s) fixed since" in out
+
+
+def test_a_cut_lineage_file_is_skipped_by_status_and_quarantined_by_gc(tmp_path, capsys, caplog):
+    import duckdb
+
+    from flows.gc import print_gc
+    from tasks import lineage
+    from tasks.store import Store
+
+    store = Store(tmp_path / "store")
+    for run_id, minute in (("r1", 0), ("r2", 10)):
+        _event("run_events", store, minute, run_id=run_id, flow="pipeline", preset="smoke", status="completed")
+    lineage.ensure_database(store)
+    victim = sorted((store.root / "lineage" / "run_events").glob("1*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:-30])  # the footer is gone, as after a full disk
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as connection:
+        try:
+            connection.execute("select count(*) from runs").fetchone()
+            raise AssertionError("a cut Parquet file should break the stored view")
+        except duckdb.Error:
+            pass
+
+    assert print_status(store.root) == 0
+    assert "runs: 1 (0 failed)" in capsys.readouterr().out  # the whole file still counts
+    assert f"lineage: {victim} is not a whole Parquet file" in caplog.text
+
+    assert print_gc(store.root, dry_run=True) == 0
+    assert "found (dry run" in capsys.readouterr().out and victim.exists()
+    assert print_gc(store.root) == 0
+    out = capsys.readouterr().out
+    assert "damaged lineage file lineage/run_events/" in out and "1 damaged lineage file(s) quarantined" in out
+    assert not victim.exists() and (store.root / "lineage-quarantine" / "run_events" / victim.name).exists()
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as connection:
+        assert connection.execute("select count(*) from runs").fetchone() == (1,)
