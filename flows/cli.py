@@ -11,15 +11,21 @@ from pathlib import Path
 DEFAULT_STORE = os.environ.get("TOK1D_STORE", "store")
 
 
-def _prepare_environment() -> None:
+def _prepare_environment(debug: bool = False) -> None:
     # Before Prefect is imported: no telemetry (its background writes also trip "database is
-    # locked" in concurrent runs) and quiet logs unless the user asks for more.
+    # locked" in concurrent runs) and quiet logs unless the user asks for more. Without --debug a
+    # failing stage ends in one line from tok1d, not in Prefect's logged traceback as well.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if debug else "CRITICAL")
     # Several runs starting at once on a busy machine need longer than Prefect's 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback (and Prefect's logs) when something fails")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +35,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set ingest.source.max_images=500 (repeatable)",
     )
+    _debug(parser)
     parser.add_argument(
         "--flow", action="store_true",
         help="run the Prefect flow even when every stage is cached (by default such a run is answered "
@@ -77,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--part", default=None, help=argparse.SUPPRESS)  # K/N: one --jobs child's points
     sweep.add_argument("--store", default=DEFAULT_STORE)
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _debug(sweep)
     return parser
 
 
@@ -99,7 +107,8 @@ def _print_results(results: dict[str, dict], store: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _prepare_environment()
+    debug = getattr(args, "debug", False)
+    _prepare_environment(debug)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("tok1d").setLevel(logging.INFO)
 
@@ -124,6 +133,25 @@ def main(argv: list[str] | None = None) -> int:
         from flows.gc import print_gc
 
         return print_gc(Path(args.store).expanduser().resolve(), args.dry_run)
+    try:
+        return _run_command(args)
+    except Exception as error:
+        if debug:
+            raise
+        print(f"tok1d: {args.command} failed: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: Exception) -> str:
+    """The error as one line: the message (which names the key or file), and the path of an OSError."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where} ({type(error).__name__})"
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"{message} ({type(error).__name__})"
+
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         from flows.sweep import run_sweep_cli
 

@@ -31,6 +31,13 @@ def available_presets() -> dict[str, str]:
     return presets
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's problem and position in one line ("mapping values are not allowed here, line 2 column 6")."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark is not None else problem
+
+
 def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = Path(name_or_path)
     if not path.suffix:
@@ -40,7 +47,10 @@ def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"unknown preset {name_or_path!r}: no file {path} (known presets: {known})")
     if str(path) in seen:
         raise ConfigError(f"preset {path} extends itself through {' -> '.join(seen)}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"preset {path}: malformed YAML: {_yaml_problem(error)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"preset {path} must be a YAML mapping")
     parent = raw.pop("extends", None)
@@ -67,7 +77,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw_value = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key part")
-    value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {_yaml_problem(error)}") from None
     if isinstance(value, str):
         # YAML 1.1 reads "1e-4" as a string; users mean a number.
         try:

@@ -204,5 +204,5 @@ STAGE = Stage(
     inputs=fixed_inputs(),
     run=run_ingest,
     fingerprint=source_fingerprint,
-    check=lambda config: check_source(config.source),
+    check=lambda config: (_check(config), check_source(config.source)),
 )

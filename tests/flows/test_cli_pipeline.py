@@ -16,10 +16,9 @@ TOK1D = [sys.executable, "-m", "flows.cli"]
 DATA_STAGES = "stages=[ingest,caption,embed-text]"
 
 
-def tok1d(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [*TOK1D, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
-    )
+def tok1d(*args: str, env: dict | None = None, check: bool = True, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
+    result = subprocess.run([*TOK1D, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=environment)
     if check and result.returncode != 0:
         raise AssertionError(f"tok1d {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -80,6 +79,38 @@ def test_bad_override_is_a_clear_error_before_anything_runs(tmp_path):
     assert result.returncode == 2
     assert "ingest.resolutoin: unknown key" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_run_time_errors_end_in_one_line_naming_the_key_or_file(tmp_path):
+    # As a user runs it: the suite quiets Prefect's logs itself, tok1d does so unless --debug.
+    def tok1d(*args, check=True):
+        return globals()["tok1d"](*args, check=check, unset=("PREFECT_LOGGING_LEVEL",))
+
+    def error_lines(result):
+        assert result.returncode != 0
+        return [line for line in result.stderr.splitlines() if line.startswith("tok1d:") or "Traceback" in line]
+
+    missing = tok1d("run", "--preset", "smoke", "--store", str(tmp_path / "s"), "--set", "stages=[ingest]",
+                    "--set", "ingest.source.kind=folder", "--set", f"ingest.source.path={tmp_path / 'nowhere'}",
+                    check=False)
+    assert error_lines(missing) == [
+        f"tok1d: run failed: ingest.source.path {tmp_path / 'nowhere'} is not a folder (SourceError) "
+        "(--debug shows the traceback)"]
+    assert "Traceback" not in missing.stderr
+    (tmp_path / "a-file").write_text("not a folder")
+    unwritable = tok1d("stage", "ingest", "--preset", "smoke", "--store", str(tmp_path / "a-file" / "store"), check=False)
+    assert error_lines(unwritable) == [
+        f"tok1d: stage failed: Not a directory: {tmp_path / 'a-file' / 'store' / 'artifacts'} (NotADirectoryError) "
+        "(--debug shows the traceback)"]
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("stages: [ingest\n  bad: : x\n")
+    malformed = tok1d("run", "--preset", str(bad_yaml), "--store", str(tmp_path / "s"), check=False)
+    assert error_lines(malformed) == [f"tok1d: preset {bad_yaml}: malformed YAML: expected ',' or ']', but got ':', line 2 column 6"]
+    zero = tok1d("run", "--preset", "smoke", "--store", str(tmp_path / "s"), "--set", "ingest.resolution=0", check=False)
+    assert error_lines(zero) == ["tok1d: invalid configuration for preset 'smoke': ingest.resolution must be >= 1, got 0"]
+    debug = tok1d("stage", "ingest", "--preset", "smoke", "--store", str(tmp_path / "a-file" / "store"), "--debug",
+                  check=False)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "NotADirectoryError" in debug.stderr
 
 
 def test_four_concurrent_processes_lose_no_record(tmp_path):
