@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from flows.reconcile import reconcile
 from flows.run_plan import run_record, stages_to_run
 from flows.stage_task import current_flow_run_id, run_stage_in_flow
 from tasks import lineage
 from tasks.pipeline_config import PipelineConfig
+from tasks.leases import Lease
 from tasks.registry import get_stage
 from tasks.runner import StageResult
 from tasks.store import Store
@@ -21,14 +23,16 @@ def run_pipeline(
     record = run_record(config, preset=preset, flow=flow, flow_run_id=current_flow_run_id())
     run_id = record["run_id"]
     lineage.ensure_database(store)
+    reconcile(store, found_by=f"run {run_id}")
     lineage.record_run(store, status="running", **record)
     results: dict[str, StageResult] = {}
-    try:
-        for name in stages_to_run(config, until):
-            inputs = {upstream: results[upstream].manifest for upstream in get_stage(name).inputs(config)}
-            results[name] = run_stage_in_flow(name, config.section(name), inputs, store, config.runtime, run_id)
-    except BaseException as error:
-        lineage.record_run(store, status="failed", ended_at=lineage.now(), error=repr(error), **record)
-        raise
-    lineage.record_run(store, status="completed", ended_at=lineage.now(), **record)
+    with Lease(store, "run", run_id, record):
+        try:
+            for name in stages_to_run(config, until):
+                inputs = {upstream: results[upstream].manifest for upstream in get_stage(name).inputs(config)}
+                results[name] = run_stage_in_flow(name, config.section(name), inputs, store, config.runtime, run_id)
+        except BaseException as error:
+            lineage.record_run(store, status="failed", ended_at=lineage.now(), error=repr(error), **record)
+            raise
+        lineage.record_run(store, status="completed", ended_at=lineage.now(), **record)
     return results

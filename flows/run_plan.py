@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flows.reconcile import reconcile
 from tasks import lineage
 from tasks.cache import git_revision
+from tasks.leases import Lease
 from tasks.pipeline_config import PipelineConfig
 from tasks.registry import STAGE_ORDER, get_stage
 from tasks.runner import StagePlan, StageResult, plan_stage_run, record_cache_hit
@@ -84,12 +86,14 @@ def record_cached_run(
     """Record a run answered from the cache (no flow run) and its stages' hits in lineage."""
     record = run_record(config, preset=preset, flow=flow, flow_run_id=None)
     lineage.ensure_database(store)
+    reconcile(store, found_by=f"run {record['run_id']}")
     lineage.record_run(store, status="running", **record)
     results = {}
-    for stage in stages:
-        stage_run_id = record_cache_hit(stage.plan, stage.manifest, stage.inputs, store, record["run_id"])
-        results[stage.name] = StageResult(stage.manifest, True, stage_run_id)
-    lineage.record_run(store, status="completed", ended_at=lineage.now(), **record)
+    with Lease(store, "run", record["run_id"], record):
+        for stage in stages:
+            stage_run_id = record_cache_hit(stage.plan, stage.manifest, stage.inputs, store, record["run_id"])
+            results[stage.name] = StageResult(stage.manifest, True, stage_run_id)
+        lineage.record_run(store, status="completed", ended_at=lineage.now(), **record)
     return results
 
 

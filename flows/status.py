@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 
+from flows.reconcile import reconcile
 from tasks import lineage
 from tasks.fingerprints import Depth, check_artifact
 from tasks.registry import STAGE_ORDER
@@ -51,7 +52,7 @@ OPEN_FAILURES_SQL = f"""
 """
 FIXED_FAILURES_SQL = f"select count(*) from stages f where f.status = 'failed' and {_FIXED}"
 RUNS_SQL = """
-    select count(*), count(*) filter (where status = 'failed'),
+    select count(*), count(*) filter (where status = 'killed'), count(*) filter (where status = 'failed'),
            count(*) filter (where status = 'failed' and exists (
                select 1 from runs later where later.config_hash = r.config_hash
                and later.status = 'completed' and later.started_at > r.started_at))
@@ -106,9 +107,10 @@ def print_status(root: Path) -> int:
         print(f"no store at {root} (nothing has run there yet)")
         return 1
     store = Store(root)
+    reconcile(store, found_by="tok1d status")
     connection = lineage.connect(store)
     try:
-        total, failed, rerun = connection.execute(RUNS_SQL).fetchone()
+        total, killed, failed, rerun = connection.execute(RUNS_SQL).fetchone()
         latest_run = connection.execute(LATEST_RUN_SQL).fetchone()
         run_id = latest_run[0] if latest_run else None
         this_run = connection.execute(RUN_STAGES_SQL, {"run": run_id}).fetchall()
@@ -119,7 +121,8 @@ def print_status(root: Path) -> int:
     finally:
         connection.close()
     print(f"store: {store.root}")
-    print(f"runs: {total} ({failed} failed" + (f", {rerun} of them rerun to completion" if rerun else "") + ")")
+    print(f"runs: {total} ({failed} failed" + (f", {rerun} of them rerun to completion" if rerun else "")
+          + (f", {killed} killed" if killed else "") + ")")
     if latest_run:
         _, flow, preset, status, started = latest_run
         when = started.strftime("%Y-%m-%d %H:%M:%S") if started else "-"

@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from tasks.leases import DeadLease, reconcile
 from tasks.measurement import read_measurements
 from tasks.secrets import redact
 from tasks.store import Manifest, Store, exclusive_lock
@@ -336,7 +337,11 @@ def record_stage_event(
     output: Manifest | None = None,
     inputs: dict[str, Manifest] | None = None,
     error: str | None = None,
+    host: str | None = None,
+    pid: int | None = None,
 ) -> None:
+    """One event of a stage run; `host`/`pid` default to this process (a `killed` event names
+    the dead process instead)."""
     event_time = now()
     append(
         store,
@@ -357,8 +362,8 @@ def record_stage_event(
                 started_at=started_at,
                 ended_at=ended_at,
                 error=redact(error) if error else None,
-                host=socket.gethostname(),
-                pid=os.getpid(),
+                host=host or socket.gethostname(),
+                pid=pid or os.getpid(),
                 event_time=event_time,
             )
         ],
@@ -413,3 +418,20 @@ def record_stage_event(
     common = dict(stage_run_id=stage_run_id, run_id=run_id, stage=stage, artifact_id=output.artifact_id,
                   event_time=event_time)
     append(store, "metrics", [{**common, **row} for _, row in sorted(rows.items())])
+
+
+def record_killed(store: Store, lease: DeadLease, error: str) -> None:
+    """The `killed` end event of a run or stage run whose process died holding its lease."""
+    if lease.kind == "stage":
+        record_stage_event(store, status="killed", ended_at=now(), error=error, host=lease.host, pid=lease.pid,
+                           **lease.fields)
+    else:
+        record_run(store, status="killed", ended_at=now(), error=error, **lease.fields)
+
+
+def reconcile_store(store: Store, found_by: str) -> list[DeadLease]:
+    """Record every run and stage run whose process died (see tasks/leases.py) as killed."""
+    found = reconcile(store, found_by, lambda lease, error: record_killed(store, lease, error))
+    for lease in found:
+        log.warning("%s %s recorded as killed: %s", lease.kind, lease.record_id, lease.reason)
+    return found

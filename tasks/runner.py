@@ -22,6 +22,7 @@ from tasks.config import RuntimeConfig, Section
 from tasks.cores import ThreadGovernor
 from tasks.fingerprints import record_commit, stat_folder
 from tasks.hashing import hash_value
+from tasks.leases import Lease
 from tasks.progress import publish_summary_table
 from tasks.registry import get_stage
 from tasks.secrets import redact
@@ -150,36 +151,38 @@ def _compute(
     common = _event_fields(plan, run_id, flow_run_id, cache_hit=False)
     stage_run_id, started = common["stage_run_id"], common["started_at"]
     lineage.record_stage_event(store, status="running", **common)
-    context = StageContext(stage_name, section, inputs, store, runtime, plan.slot.slot_key, work_dir)
-    if "torch" in sys.modules:  # a run of ingest or caption alone never imports torch
-        ThreadGovernor(stage_name, runtime.threads).start()
-    try:
-        _check_injected_fault(stage_name)
-        output = stage.run(context)
-        for leftover in list(context.output_dir.rglob(".*")):
-            # Temporary files of interrupted writes never become part of an artifact.
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        # Taken before the commit hashes the files: what later cache hits compare with.
-        before = stat_folder(context.output_dir)
-        manifest = store.commit_artifact(
-            stage_name,
-            context.output_dir,
-            tables=output.tables,
-            config_hash=plan.config_hash,
-            cache_key=plan.slot.slot_key,
-            code_version=plan.code_version,
-            summary=output.summary,
+    # Held until the end event is written: a process that dies holding it is found and recorded killed.
+    with Lease(store, "stage", stage_run_id, common):
+        context = StageContext(stage_name, section, inputs, store, runtime, plan.slot.slot_key, work_dir)
+        if "torch" in sys.modules:  # a run of ingest or caption alone never imports torch
+            ThreadGovernor(stage_name, runtime.threads).start()
+        try:
+            _check_injected_fault(stage_name)
+            output = stage.run(context)
+            for leftover in list(context.output_dir.rglob(".*")):
+                # Temporary files of interrupted writes never become part of an artifact.
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            # Taken before the commit hashes the files: what later cache hits compare with.
+            before = stat_folder(context.output_dir)
+            manifest = store.commit_artifact(
+                stage_name,
+                context.output_dir,
+                tables=output.tables,
+                config_hash=plan.config_hash,
+                cache_key=plan.slot.slot_key,
+                code_version=plan.code_version,
+                summary=output.summary,
+            )
+            record_commit(store, manifest, before)
+            store.write_cache_record(stage_name, plan.slot.key, plan.slot.slot, manifest, complete=output.complete)
+        except BaseException as error:
+            message = redact("".join(traceback.format_exception_only(type(error), error)).strip())
+            lineage.record_stage_event(store, status="failed", ended_at=lineage.now(), error=message, **common)
+            raise
+        shutil.rmtree(work_dir, ignore_errors=True)
+        lineage.record_stage_event(
+            store, status="completed", ended_at=lineage.now(), output=manifest, inputs=inputs, **common
         )
-        record_commit(store, manifest, before)
-        store.write_cache_record(stage_name, plan.slot.key, plan.slot.slot, manifest, complete=output.complete)
-    except BaseException as error:
-        message = redact("".join(traceback.format_exception_only(type(error), error)).strip())
-        lineage.record_stage_event(store, status="failed", ended_at=lineage.now(), error=message, **common)
-        raise
-    shutil.rmtree(work_dir, ignore_errors=True)
-    lineage.record_stage_event(
-        store, status="completed", ended_at=lineage.now(), output=manifest, inputs=inputs, **common
-    )
-    publish_summary_table(stage_name, {"artifact": manifest.artifact_id, "rows": manifest.rows, **manifest.summary})
-    log.info("%s: done in %.1fs -> %s", stage_name, (lineage.now() - started).total_seconds(), manifest.root)
+        publish_summary_table(stage_name, {"artifact": manifest.artifact_id, "rows": manifest.rows, **manifest.summary})
+        log.info("%s: done in %.1fs -> %s", stage_name, (lineage.now() - started).total_seconds(), manifest.root)
     return StageResult(manifest, False, stage_run_id)

@@ -113,6 +113,36 @@ def test_run_time_errors_end_in_one_line_naming_the_key_or_file(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "NotADirectoryError" in debug.stderr
 
 
+def test_a_killed_run_is_recorded_killed_by_the_next_status(tmp_path):
+    import signal
+    import time
+
+    store = tmp_path / "store"
+    # Long enough to be caught working: 30k procedural scenes.
+    command = [*TOK1D, "stage", "ingest", "--preset", "smoke", "--store", str(store),
+               "--set", "ingest.source.kind=shapes", "--set", "ingest.source.shapes.num_images=30000",
+               "--set", "ingest.source.max_images=30000"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its own group: the Prefect server it starts dies too
+    deadline = time.monotonic() + 300
+    while not list(store.glob("leases/stage-*.json")):  # the stage is at work
+        assert process.poll() is None and time.monotonic() < deadline, "ingest never started"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    status = tok1d("status", "--store", str(store)).stdout
+    assert "runs: 1 (0 failed, 1 killed)" in status
+    assert next(line for line in status.splitlines() if line.startswith("ingest ")).split()[1] == "killed"
+    connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
+    runs = connection.execute("select status, error from runs").fetchall()
+    stages = connection.execute("select stage, status, pid from stages").fetchall()
+    connection.close()
+    assert runs[0][0] == "killed" and "found by tok1d status" in runs[0][1]
+    assert stages == [("ingest", "killed", process.pid)]
+    assert tok1d("status", "--store", str(store)).stdout == status  # found once, recorded once
+
+
 def test_four_concurrent_processes_lose_no_record(tmp_path):
     store = tmp_path / "store"
     # Different sizes -> four different cache keys -> four real ingest runs at the same time.

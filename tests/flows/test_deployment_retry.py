@@ -7,6 +7,7 @@ the flow with the same flow-run id, and stages completed before the failure come
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -82,7 +83,20 @@ async def _scenario(api: str, store: Path, fault_file: Path):
         return flow_run.id, [(t.name, t.state.name) for t in task_runs]
 
 
-def test_ui_retry_reuses_completed_stages(local_prefect):
+async def _running_flow_run(client) -> str:
+    from prefect.states import Running
+
+    deployment = await client.read_deployment_by_name("full-pipeline/smoke")
+    # Created Running, as a worker's flow run is once it started: no worker picks it up.
+    flow_run = await client.create_flow_run_from_deployment(deployment.id, state=Running())
+    return str(flow_run.id)
+
+
+async def _state_name(client, flow_run_id: str) -> str:
+    return (await client.read_flow_run(flow_run_id)).state.name
+
+
+def test_ui_retry_reuses_completed_stages(local_prefect, monkeypatch):
     # embed-text fails on the first attempt; ingest and caption complete before it.
     local_prefect["fault_file"].write_text("embed-text\n")
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -108,3 +122,30 @@ def test_ui_retry_reuses_completed_stages(local_prefect):
     assert ("embed-text", "failed", False) in events
     assert ("ingest", "completed", True) in events and ("caption", "completed", True) in events
     assert events[-1] == ("embed-text", "completed", False)
+
+    # A killed run's flow run stays Running in Prefect (#16746): reconciling its dead lease sets it
+    # to Crashed, so the UI tells the truth. The lease is the one a killed worker's run leaves.
+    from prefect.client.orchestration import get_client
+
+    from flows.reconcile import reconcile
+    from tasks.store import Store
+
+    async def crash_check():
+        async with get_client() as client:
+            flow_run_id = await _running_flow_run(client)
+            store = Store(local_prefect["store"])
+            lease = store.root / "leases" / "run-dead1.json"
+            lease.write_text(json.dumps({"kind": "run", "id": "dead1", "host": "a-lost-node", "pid": 1,
+                                         "process_start": None, "fields": {"run_id": "dead1", "flow_run_id": flow_run_id,
+                                         "flow": "full-pipeline", "preset": "smoke", "config_hash": "c",
+                                         "git_revision": None, "started_at": None, "config": None}}))
+            old = time.time() - 3600
+            os.utime(lease, (old, old))
+            assert await _state_name(client, flow_run_id) == "Running"
+            found = await asyncio.to_thread(reconcile, store, "a test")
+            assert [lease.record_id for lease in found] == ["dead1"]
+            return await _state_name(client, flow_run_id)
+
+    monkeypatch.setenv("PREFECT_API_URL", local_prefect["api"])
+    with temporary_settings({PREFECT_API_URL: local_prefect["api"]}):
+        assert asyncio.run(crash_check()) == "Crashed"
