@@ -56,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="hash every artifact file again; exit 1 if any is missing or altered")
     verify.add_argument("--store", default=DEFAULT_STORE)
     verify.add_argument("--stage", default=None, help="only this stage's artifacts, e.g. ingest")
-    gc = commands.add_parser("gc", help="move damaged lineage files aside so every DuckDB query works again")
+    gc = commands.add_parser("gc", help="record dead runs as killed, quarantine damaged lineage files, remove "
+                                        "stale temporary files and finished work dirs")
     gc.add_argument("--store", default=DEFAULT_STORE)
-    gc.add_argument("--dry-run", action="store_true", help="only list what would be moved")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be done")
+    gc.add_argument("--resumable", action="store_true",
+                    help="also remove work dirs of unfinished stage runs (a rerun then starts them over)")
+    gc.add_argument("--artifacts", action="store_true", help="also remove artifacts no cache record names")
     commands.add_parser("presets", help="list the presets in configs/")
     sweep = commands.add_parser(
         "sweep", help="presets x axes (tokens, text on/off, any key) x seeds through the pipeline; "
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gc":
         from flows.gc import print_gc
 
-        return print_gc(Path(args.store).expanduser().resolve(), args.dry_run)
+        return print_gc(Path(args.store).expanduser().resolve(), args.dry_run, args.resumable, args.artifacts)
     try:
         return _run_command(args)
     except Exception as error:

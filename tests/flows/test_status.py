@@ -90,7 +90,7 @@ def test_a_cut_lineage_file_is_skipped_by_status_and_quarantined_by_gc(tmp_path,
     assert f"lineage: {victim} is not a whole Parquet file" in caplog.text
 
     assert print_gc(store.root, dry_run=True) == 0
-    assert "found (dry run" in capsys.readouterr().out and victim.exists()
+    assert "found, 0 removal(s), 0.0 MiB to free (dry run: nothing changed)" in capsys.readouterr().out and victim.exists()
     assert print_gc(store.root) == 0
     out = capsys.readouterr().out
     assert "damaged lineage file lineage/run_events/" in out and "1 damaged lineage file(s) quarantined" in out
