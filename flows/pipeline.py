@@ -26,13 +26,17 @@ def run_pipeline(
     reconcile(store, found_by=f"run {run_id}")
     lineage.record_run(store, status="running", **record)
     results: dict[str, StageResult] = {}
-    with Lease(store, "run", run_id, record):
+    with Lease(store, "run", run_id, record) as lease:
         try:
             for name in stages_to_run(config, until):
                 inputs = {upstream: results[upstream].manifest for upstream in get_stage(name).inputs(config)}
                 results[name] = run_stage_in_flow(name, config.section(name), inputs, store, config.runtime, run_id)
         except BaseException as error:
-            lineage.record_run(store, status="failed", ended_at=lineage.now(), error=repr(error), **record)
+            try:
+                lineage.record_run(store, status="failed", ended_at=lineage.now(), error=repr(error), **record)
+            except OSError as unrecorded:  # a full disk: the next reconcile records it as killed
+                log.warning("could not record the run's failure in lineage (%s)", unrecorded)
+                lease.keep()
             raise
         lineage.record_run(store, status="completed", ended_at=lineage.now(), **record)
     return results

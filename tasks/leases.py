@@ -77,6 +77,7 @@ class Lease:
         self.heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._kept = False
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -93,11 +94,17 @@ class Lease:
         self._thread.start()
         return self
 
+    def keep(self) -> None:
+        """Leave the lease behind on exit: the end event could not be written (a full disk), so
+        the next reconcile records the run as killed instead of it staying `running`."""
+        self._kept = True
+
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.path.unlink(missing_ok=True)
+        if not self._kept:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ def _compute(
     stage_run_id, started = common["stage_run_id"], common["started_at"]
     lineage.record_stage_event(store, status="running", **common)
     # Held until the end event is written: a process that dies holding it is found and recorded killed.
-    with Lease(store, "stage", stage_run_id, common):
+    with Lease(store, "stage", stage_run_id, common) as lease:
         context = StageContext(stage_name, section, inputs, store, runtime, plan.slot.slot_key, work_dir)
         if "torch" in sys.modules:  # a run of ingest or caption alone never imports torch
             ThreadGovernor(stage_name, runtime.threads).start()
@@ -177,7 +177,12 @@ def _compute(
             store.write_cache_record(stage_name, plan.slot.key, plan.slot.slot, manifest, complete=output.complete)
         except BaseException as error:
             message = redact("".join(traceback.format_exception_only(type(error), error)).strip())
-            lineage.record_stage_event(store, status="failed", ended_at=lineage.now(), error=message, **common)
+            try:
+                lineage.record_stage_event(store, status="failed", ended_at=lineage.now(), error=message, **common)
+            except OSError as unrecorded:  # the disk that failed the stage fails its record too
+                log.warning("%s: could not record the failure in lineage (%s); the next run or `tok1d gc` "
+                            "records this stage run as killed", stage_name, unrecorded)
+                lease.keep()
             raise
         shutil.rmtree(work_dir, ignore_errors=True)
         lineage.record_stage_event(
