@@ -143,34 +143,40 @@ def test_a_killed_run_is_recorded_killed_by_the_next_status(tmp_path):
     assert tok1d("status", "--store", str(store)).stdout == status  # found once, recorded once
 
 
-def test_four_concurrent_processes_lose_no_record(tmp_path):
+def test_four_concurrent_processes_with_different_seeds_lose_no_record(tmp_path):
     store = tmp_path / "store"
-    # Different sizes -> four different cache keys -> four real ingest runs at the same time.
+    # Four seeds of one preset at once: ingest is one config (computed once, the others wait on
+    # its slot's lock and hit), train-tokenizer four (each computed once).
     processes = [
         subprocess.Popen(
-            [*TOK1D, "stage", "ingest", "--preset", "smoke", "--store", str(store),
-             "--set", f"ingest.source.max_images={100 + 10 * i}"],
+            [*TOK1D, "stage", "train-tokenizer", "--preset", "smoke", "--store", str(store),
+             "--set", f"train_tokenizer.train.seed={seed}", "--set", "train_tokenizer.train.steps=10",
+             "--set", "train_tokenizer.eval_images=10", "--set", "train_tokenizer.fid_images=10"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        for i in range(4)
+        for seed in range(4)
     ]
-    outputs = [p.communicate(timeout=600) for p in processes]
+    outputs = [p.communicate(timeout=900) for p in processes]
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 0, f"{out}\n{err}"
         assert "database is locked" not in err
     connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
-    completed = connection.execute(
-        "select count(*), count(distinct output_artifact) from stages where stage = 'ingest' and status = 'completed'"
-    ).fetchone()
-    rows = sorted(r[0] for r in connection.execute(
-        "select value from metrics where stage = 'ingest' and name = 'images'").fetchall())
+    computed = dict(connection.execute(
+        "select stage, count(*) from stages where status = 'completed' and not cache_hit group by stage").fetchall())
+    hits = dict(connection.execute(
+        "select stage, count(*) from stages where status = 'completed' and cache_hit group by stage").fetchall())
+    tokenizers = connection.execute(
+        "select count(distinct output_artifact), count(distinct config_hash) from stages "
+        "where stage = 'train-tokenizer' and status = 'completed'").fetchone()
     runs = connection.execute("select count(*) from runs where status = 'completed'").fetchone()[0]
     events = connection.execute("select count(*) from stage_events").fetchone()[0]
+    open_rows = connection.execute("select count(*) from stages where status = 'running'").fetchone()[0]
     connection.close()
-    assert completed == (4, 4)
-    assert rows == [100.0, 110.0, 120.0, 130.0]
-    assert runs == 4
-    assert events == 8  # running + completed for each
+    assert computed == {"ingest": 1, "train-tokenizer": 4}
+    assert hits == {"ingest": 3}
+    assert tokenizers == (4, 4)
+    assert runs == 4 and open_rows == 0
+    assert events == 2 * 5 + 3  # running + completed per computed stage run, one event per hit
 
 
 @pytest.mark.parametrize("preset", ["smoke"])
