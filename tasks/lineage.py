@@ -8,6 +8,7 @@ store (under a file lock, retried if a user holds the file open) and read-only a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ from tasks.secrets import redact
 from tasks.store import Manifest, Store, exclusive_lock
 from tasks.tables import write_parquet_atomic
 
-VIEWS_VERSION = "3"
+VIEWS_VERSION = "4"
 # Damaged lineage files go here, outside the views' globs (`tok1d gc`).
 QUARANTINE_DIR = "lineage-quarantine"
 log = logging.getLogger("tok1d")
@@ -92,6 +93,20 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("input_name", pa.string()),
             ("input_artifact", pa.string()),
             ("output_artifact", pa.string()),
+            ("event_time", _TS),
+        ]
+    ),
+    # Every logged training quantity of every training run, one row per (step, name): the loss
+    # curves in SQL. Taken from the artifact's losses.jsonl when its stage run completes.
+    "train_steps": pa.schema(
+        [
+            ("stage_run_id", pa.string()),
+            ("run_id", pa.string()),
+            ("stage", pa.string()),
+            ("artifact_id", pa.string()),
+            ("step", pa.int64()),
+            ("name", pa.string()),
+            ("value", pa.float64()),
             ("event_time", _TS),
         ]
     ),
@@ -317,6 +332,28 @@ def record_run(
             )
         ],
     )
+
+
+LOSS_LOG = "losses.jsonl"
+
+
+def record_train_steps(store: Store, stage_run_id: str, run_id: str | None, manifest: Manifest) -> int:
+    """The `train_steps` rows of an artifact with a loss log (the training stages'); how many."""
+    if not any(f.path == LOSS_LOG for f in manifest.files):
+        return 0
+    rows = []
+    for line in (store.root / manifest.root / LOSS_LOG).read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = int(entry.pop("step"))
+        rows += [dict(stage_run_id=stage_run_id, run_id=run_id, stage=manifest.stage, artifact_id=manifest.artifact_id,
+                      step=step, name=name, value=float(value))
+                 for name, value in entry.items() if isinstance(value, (int, float))]
+    event_time = now()
+    append(store, "train_steps", [{**row, "event_time": event_time} for row in rows])
+    return len(rows)
 
 
 def record_stage_event(

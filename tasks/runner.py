@@ -185,6 +185,7 @@ def _compute(
                 lease.keep()
             raise
         shutil.rmtree(work_dir, ignore_errors=True)
+        lineage.record_train_steps(store, stage_run_id, run_id, manifest)
         lineage.record_stage_event(
             store, status="completed", ended_at=lineage.now(), output=manifest, inputs=inputs, **common
         )

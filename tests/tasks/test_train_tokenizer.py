@@ -185,3 +185,26 @@ def test_bad_settings_are_named(tmp_path, inputs):
     no_text = execute_stage("embed-text", EmbedTextConfig(backend="none"), {"caption": manifests["caption"]}, store).manifest
     with pytest.raises(ValueError, match="embed_text.backend"):
         run_train_tokenizer(context(store, {**manifests, "embed-text": no_text}, tiny_config(use_text=True), tmp_path / "d"))
+
+
+def test_training_curves_are_queryable_in_duckdb(tmp_path, inputs):
+    import duckdb
+
+    from tasks import lineage
+    from tasks.store import Store
+
+    import shutil
+
+    source, manifests = inputs
+    shutil.copytree(source.root, tmp_path / "store")  # a copy: the module's store stays as it is
+    store = Store(tmp_path / "store")
+    result = execute_stage("train-tokenizer", tiny_config(), {"ingest": manifests["ingest"]}, store)
+    logged = [json.loads(line) for line in (store.root / result.manifest.root / "losses.jsonl").read_text().splitlines()]
+    lineage.ensure_database(store)
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as connection:
+        rows = connection.execute(
+            "select t.step, t.value from train_steps t join stages s using (stage_run_id) "
+            "where s.status = 'completed' and t.name = 'total' order by t.step").fetchall()
+        names = {n for (n,) in connection.execute("select distinct name from train_steps").fetchall()}
+    assert rows == [(entry["step"], entry["total"]) for entry in logged] and len(rows) == 6
+    assert {"total", "lr_factor"} <= names
