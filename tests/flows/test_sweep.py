@@ -40,7 +40,6 @@ from flows.sweep import (
     write_effects,
     write_results,
 )
-from tasks.config import ConfigError
 from tasks.runner import StageResult
 from tasks.store import Manifest, Store
 
