@@ -50,9 +50,13 @@ def arccos_mask_ratio(u: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard Gumbel noise shaped like ``like`` (float32), drawn from ``generator``."""
+    """Standard Gumbel noise -log(-log(u)) shaped like ``like`` (float32), drawn from ``generator``.
+
+    Computed in place in the one buffer: sampling draws it over [B, N, vocab] every step, where
+    each extra temporary is a pass over (and on CPU a fresh page-faulted allocation of) that size.
+    """
     u = torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
-    return -torch.log(-torch.log(u.clamp_min(1e-20)))
+    return u.clamp_min_(1e-20).log_().neg_().log_().neg_()
 
 
 class MaskGIT(nn.Module):
@@ -209,14 +213,19 @@ class MaskGIT(nn.Module):
         for step in range(steps):
             ratio = (step + 1) / steps
             scale = guidance_scale if guidance_schedule == "constant" else guidance_scale * step / steps
+            # The [B, N, vocab] arithmetic runs in place on fresh buffers, in the same operations
+            # as cond + scale * (cond - uncond) and log_probs + temp * gumbel (IEEE addition
+            # commutes), so the samples are bit for bit those of the out-of-place expressions.
             if scale != 0:
                 cond, uncond = self(torch.cat([ids, ids]), torch.cat([labels, null])).float().chunk(2)
-                logits = cond + scale * (cond - uncond)
+                logits = (cond - uncond).mul_(scale).add_(cond)
+                del cond, uncond  # the doubled logits: freed before the noise is drawn
             else:
                 logits = self(ids, labels).float()
             log_probs = logits.log_softmax(dim=-1)
+            del logits
             temp = temperature + (temperature_end - temperature) * ratio
-            sampled = (log_probs + temp * gumbel_noise(log_probs, generator)).argmax(dim=-1)
+            sampled = gumbel_noise(log_probs, generator).mul_(temp).add_(log_probs).argmax(dim=-1)
             is_mask = ids == self.mask_token_id
             sampled = torch.where(is_mask, sampled, ids)
             if step == steps - 1:

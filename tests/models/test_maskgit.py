@@ -115,6 +115,63 @@ def test_sample_valid_and_deterministic():
         m.sample(labels, guidance_schedule="cosine")
 
 
+def _reference_sample(m: MaskGIT, labels: torch.Tensor, steps: int, temperature: float, temperature_end: float,
+                      guidance_scale: float, guidance_schedule: str, generator: torch.Generator) -> torch.Tensor:
+    """MaskGIT.sample as first written, with out-of-place arithmetic over [B, N, vocab]."""
+    b, n = labels.shape[0], m.config.seq_len
+    ids = torch.full((b, n), m.mask_token_id, dtype=torch.long)
+    null = torch.full_like(labels, m.null_class_id)
+    num_masked = n
+    for step in range(steps):
+        ratio = (step + 1) / steps
+        scale = guidance_scale if guidance_schedule == "constant" else guidance_scale * step / steps
+        if scale != 0:
+            cond, uncond = m(torch.cat([ids, ids]), torch.cat([labels, null])).float().chunk(2)
+            logits = cond + scale * (cond - uncond)
+        else:
+            logits = m(ids, labels).float()
+        log_probs = logits.log_softmax(dim=-1)
+        temp = temperature + (temperature_end - temperature) * ratio
+        u = torch.rand(log_probs.shape, generator=generator, dtype=torch.float32)
+        sampled = (log_probs + temp * -torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(dim=-1)
+        is_mask = ids == m.mask_token_id
+        sampled = torch.where(is_mask, sampled, ids)
+        if step == steps - 1:
+            return sampled
+        confidence = log_probs.gather(-1, sampled[..., None]).squeeze(-1)
+        u = torch.rand(confidence.shape, generator=generator, dtype=torch.float32)
+        confidence = confidence + temperature * (1 - ratio) * -torch.log(-torch.log(u.clamp_min(1e-20)))
+        confidence = confidence.masked_fill(~is_mask, math.inf)
+        num_masked = max(1, min(num_masked - 1, math.floor(n * math.acos(ratio) / (math.pi / 2))))
+        ids = sampled.scatter(1, confidence.argsort(dim=-1)[:, :num_masked], m.mask_token_id)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sample_bit_identical_to_the_out_of_place_reference(threads):
+    """The in-place [B, N, vocab] arithmetic of sample (a speed fix, bench/generation_throughput.py)
+    gives exactly the samples of the plain expressions, and leaves the generator in the same state."""
+    m = tiny(vocab_size=512, seq_len=32, num_classes=10, width=64, heads=2).eval()
+    labels = torch.arange(6) % 10
+    cases = [dict(steps=8, temperature=9.5, temperature_end=0.0, guidance_scale=3.0, guidance_schedule="linear"),
+             dict(steps=8, temperature=2.0, temperature_end=0.0, guidance_scale=2.0, guidance_schedule="linear"),
+             dict(steps=5, temperature=9.5, temperature_end=0.0, guidance_scale=4.5, guidance_schedule="constant"),
+             dict(steps=3, temperature=1.0, temperature_end=0.5, guidance_scale=0.0, guidance_schedule="constant"),
+             dict(steps=1, temperature=9.5, temperature_end=0.0, guidance_scale=3.0, guidance_schedule="constant"),
+             dict(steps=12, temperature=0.0, temperature_end=0.0, guidance_scale=1.5, guidance_schedule="linear")]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed, case in enumerate(cases):
+            ours, ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for _ in range(2):  # the second call starts from the generator state the first left
+                    assert torch.equal(m.sample(labels, generator=ours, **case),
+                                       _reference_sample(m, labels, generator=ref, **case)), case
+            assert torch.equal(ours.get_state(), ref.get_state())
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_guidance_scale_zero_ignores_null_class():
     """Scale 0 is the conditional model alone: the null-class embedding must not matter."""
     m = tiny().eval()
