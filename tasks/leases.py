@@ -142,11 +142,11 @@ def dead_leases(store: Store, expiry_s: float = EXPIRY_S) -> list[DeadLease]:
     return dead
 
 
-def reconcile(store: Store, found_by: str, record: Callable[[DeadLease, str], None],
+def reconcile(store: Store, found_by: str, record: Callable[[DeadLease, str], bool],
               expiry_s: float = EXPIRY_S) -> list[DeadLease]:
-    """Call `record(lease, error)` for each dead lease (it appends the `killed` event), then remove
-    the lease; returns them. Safe to run from several processes at once: a lease is claimed by
-    renaming it away first, so each death is recorded once."""
+    """Call `record(lease, error)` for each dead lease (it appends the `killed` event and says
+    whether it did), then remove the lease; returns those recorded. Safe to run from several
+    processes at once: a lease is claimed by renaming it away first, so each death is recorded once."""
     found = []
     for lease in dead_leases(store, expiry_s):
         claimed = lease.path.with_name(f".{lease.path.name}.{os.getpid()}.claimed")
@@ -155,7 +155,7 @@ def reconcile(store: Store, found_by: str, record: Callable[[DeadLease, str], No
         except OSError:
             continue  # another process claimed it first
         at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        record(lease, f"killed: {lease.reason} (found by {found_by} at {at})")
+        if record(lease, f"killed: {lease.reason} (found by {found_by} at {at})"):
+            found.append(lease)
         claimed.unlink(missing_ok=True)
-        found.append(lease)
     return found

@@ -457,13 +457,27 @@ def record_stage_event(
     append(store, "metrics", [{**common, **row} for _, row in sorted(rows.items())])
 
 
-def record_killed(store: Store, lease: DeadLease, error: str) -> None:
-    """The `killed` end event of a run or stage run whose process died holding its lease."""
+def _latest_status(store: Store, kind: str, record_id: str) -> str | None:
+    view, key = ("stages", "stage_run_id") if kind == "stage" else ("runs", "run_id")
+    connection = connect(store)
+    try:
+        row = connection.execute(f"select status from {view} where {key} = ?", [record_id]).fetchone()
+    finally:
+        connection.close()
+    return row[0] if row else None
+
+
+def record_killed(store: Store, lease: DeadLease, error: str) -> bool:
+    """The `killed` end event of a run or stage run whose process died holding its lease; none
+    (False) if it had written its end after all (it died between that and dropping the lease)."""
+    if _latest_status(store, lease.kind, lease.record_id) in ("completed", "failed", "killed"):
+        return False
     if lease.kind == "stage":
         record_stage_event(store, status="killed", ended_at=now(), error=error, host=lease.host, pid=lease.pid,
                            **lease.fields)
     else:
         record_run(store, status="killed", ended_at=now(), error=error, **lease.fields)
+    return True
 
 
 def reconcile_store(store: Store, found_by: str) -> list[DeadLease]:

@@ -94,3 +94,18 @@ def test_the_heartbeat_refreshes_the_lease_and_leaving_removes_it(tmp_path):
         time.sleep(0.3)
         assert lease.path.stat().st_mtime_ns > first - 10**9
     assert not lease.path.exists()
+
+
+def test_a_holder_that_wrote_its_end_before_dying_is_not_relabelled(tmp_path):
+    store = Store(tmp_path / "store")
+    fields = stage_fields("done1")
+    lineage.record_stage_event(store, status="running", **fields)
+    lineage.record_stage_event(store, status="completed", ended_at=STARTED, **fields)
+    _write_lease(store, "done1", "a-worker-node", 7, None)  # died after its end event, lease left
+    old = time.time() - 3600
+    os.utime(store.root / "leases" / "stage-done1.json", (old, old))
+    assert lineage.reconcile_store(store, found_by="a test") == []
+    assert not list((store.root / "leases").glob("*.json"))
+    connection = lineage.connect(store)
+    assert connection.execute("select status from stages").fetchall() == [("completed",)]
+    connection.close()
