@@ -3,13 +3,13 @@ the failures still open, from the lineage tables."""
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
 from flows.reconcile import reconcile
 from tasks import lineage
 from tasks.fingerprints import Depth, check_artifact
+from tasks.leases import process_alive
 from tasks.registry import STAGE_ORDER
 from tasks.store import Manifest, Store
 
@@ -60,20 +60,10 @@ RUNS_SQL = """
 """
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def shown_status(status: str, host: str | None, pid: int | None) -> str:
     """A `running` stage whose process on this host is gone was killed: it never wrote its end
     event (the next run resumes it from its checkpoints)."""
-    if status == "running" and pid is not None and host == socket.gethostname() and not _process_alive(pid):
+    if status == "running" and pid is not None and host == socket.gethostname() and not process_alive(pid):
         return "killed"
     return status
 

@@ -53,24 +53,17 @@ def lock_is_free(lock: Path) -> bool:
         return True  # no lock file can be opened: nobody holds it
 
 
-def _finished_keys(store: Store, stage: str) -> set[str]:
-    """The cache keys of `stage` with a complete cache record, cut as work dir names are."""
-    keys = set()
-    for record in (store.root / "cache" / stage).glob("*.json"):
-        manifest, complete = store.read_cache_record(stage, record.stem.rsplit(".", 1)[0], int(record.stem.rsplit(".", 1)[1]))
-        if manifest is not None and complete:
-            keys.add(record.stem[:24])
-    return keys
-
-
 def plan_gc(store: Store, *, resumable: bool = False, artifacts: bool = False, stale_s: float = STALE_S) -> list[Removal]:
     """Everything gc would remove now, in the order it removes it."""
+    records = store.cache_records()
+    # (stage, key cut as work dir names are) of every complete cache record: its work dir is done.
+    finished = {(stage, slot_key[:24]) for stage, slot_key, _, complete in records if complete}
     removals: list[Removal] = []
     kept: set[Path] = set()  # work dirs left alone: live, or resumable and not asked for
     for work in sorted(p for p in (store.root / "work").glob("*/*") if p.is_dir()):
         if not lock_is_free(work / ".lock"):
             kept.add(work)
-        elif work.name in _finished_keys(store, work.parent.name):
+        elif (work.parent.name, work.name) in finished:
             removals.append(Removal(work, "work dir of a stage run that completed since", _size(work)))
         elif resumable:
             removals.append(Removal(work, "work dir of an unfinished stage run (what a rerun would resume from)", _size(work)))
@@ -87,7 +80,7 @@ def plan_gc(store: Store, *, resumable: bool = False, artifacts: bool = False, s
             continue  # young: perhaps a writer at work
         removals.append(Removal(path, "temporary file of an interrupted write", path.stat().st_size))
     if artifacts:
-        named = {manifest.root for _, _, manifest, _ in store.cache_records()}
+        named = {manifest.root for _, _, manifest, _ in records}
         for folder in sorted(p for p in (store.root / "artifacts").glob("*/*") if p.is_dir()):
             if folder.relative_to(store.root).as_posix() not in named:
                 removals.append(Removal(folder, "artifact no cache record names", _size(folder)))

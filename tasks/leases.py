@@ -45,7 +45,8 @@ def process_start(pid: int) -> str | None:
     return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
 
 
-def _alive(pid: int, started: str | None) -> bool:
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` runs, and (given its `process_start`) is still the same process."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -131,7 +132,7 @@ def dead_leases(store: Store, expiry_s: float = EXPIRY_S) -> list[DeadLease]:
             continue  # being written or removed right now
         host, pid = body["host"], body["pid"]
         if host == here:
-            if _alive(pid, body.get("process_start")):
+            if process_alive(pid, body.get("process_start")):
                 continue
             reason = f"process {pid} on {host} is gone"
         elif age > expiry_s:

@@ -42,31 +42,25 @@ def walk_tree(root: Path, skip_hidden: bool = True) -> tuple[list[Path], list[tu
     found: list[Path] = []
     escaped: list[tuple[Path, str]] = []
     seen: set[str] = set()
+
+    def kept(path: Path) -> bool:
+        """Whether to walk or list `path`; a symlink out of the root is recorded in `escaped`."""
+        if skip_hidden and path.name.startswith("."):
+            return False
+        if path.is_symlink() and not _inside(os.path.realpath(path), real_root):
+            escaped.append((path, os.path.realpath(path)))
+            return False
+        return True
+
     for current, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(current)
         if real in seen:
             dirs.clear()
             continue
         seen.add(real)
-        kept = []
         # Real folders before symlinked ones, so a folder linked under another name keeps its own.
-        for name in sorted(dirs, key=lambda d: ((Path(current) / d).is_symlink(), d)):
-            path = Path(current) / name
-            if skip_hidden and name.startswith("."):
-                continue
-            if path.is_symlink() and not _inside(os.path.realpath(path), real_root):
-                escaped.append((path, os.path.realpath(path)))
-            else:
-                kept.append(name)
-        dirs[:] = kept
-        for name in sorted(files):
-            path = Path(current) / name
-            if skip_hidden and name.startswith("."):
-                continue
-            if path.is_symlink() and not _inside(os.path.realpath(path), real_root):
-                escaped.append((path, os.path.realpath(path)))
-            else:
-                found.append(path)
+        dirs[:] = [d for d in sorted(dirs, key=lambda d: ((Path(current) / d).is_symlink(), d)) if kept(Path(current) / d)]
+        found += [Path(current) / name for name in sorted(files) if kept(Path(current) / name)]
     return found, escaped
 
 
