@@ -13,7 +13,7 @@ from torch import Tensor
 NO_DECAY_NAMES = frozenset({
     "pos_embed", "latent_pos_embed", "decoder_pos_embed", "decoder_latent_pos_embed",
     "latent_tokens", "mask_token", "codebook", "embedding", "embeddings", "class_embedding",
-    "cls_token", "token_embedding", "token_embed",
+    "cls_token", "decoder_cls_token", "token_embedding", "token_embed",
 })
 
 

@@ -59,9 +59,11 @@ class VectorQuantizer(Bottleneck):
     """Nearest-neighbour lookup by cosine similarity with a straight-through estimator.
 
     Both the encoder output and the codebook are l2-normalised before the lookup, so the
-    decoder always sees unit-norm code vectors. Optional dead-code restart: a code that has
-    not been picked for ``dead_code_restart_steps`` consecutive training steps is
-    re-initialised from a random encoder output of the current batch.
+    decoder always sees unit-norm code vectors. With ``l2_norm=False`` (TiTok checkpoints
+    saved with ``use_l2_norm: false``) the lookup is euclidean on the raw vectors and the
+    decoder sees the raw codes. Optional dead-code restart: a code that has not been picked
+    for ``dead_code_restart_steps`` consecutive training steps is re-initialised from a
+    random encoder output of the current batch.
     """
 
     discrete = True
@@ -72,10 +74,11 @@ class VectorQuantizer(Bottleneck):
 
     @classmethod
     def from_config(cls, config: Any) -> VectorQuantizer:
-        return cls(config.codebook_size, config.token_dim, config.commitment, config.dead_code_restart_steps)
+        return cls(config.codebook_size, config.token_dim, config.commitment, config.dead_code_restart_steps,
+                   config.l2_norm)
 
     def __init__(self, codebook_size: int, token_dim: int, commitment: float = 0.25,
-                 dead_code_restart_steps: int = 0):
+                 dead_code_restart_steps: int = 0, l2_norm: bool = True):
         super().__init__()
         if codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
@@ -87,6 +90,7 @@ class VectorQuantizer(Bottleneck):
         self.token_dim = token_dim
         self.commitment = commitment
         self.dead_code_restart_steps = dead_code_restart_steps
+        self.l2_norm = l2_norm
         self.codebook = nn.Embedding(codebook_size, token_dim)
         # Unit-norm init (uniform on the sphere): the lookup is scale-invariant, and with Adam a
         # code's angular step is lr / ||code||, so unit norm keeps that step equal to the lr.
@@ -96,16 +100,26 @@ class VectorQuantizer(Bottleneck):
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
 
     def normalized_codebook(self) -> Tensor:
-        return F.normalize(self.codebook.weight.float(), dim=-1)
+        """The codes as the lookup and the decoder see them: unit-norm (raw when l2_norm=False)."""
+        weight = self.codebook.weight.float()
+        return F.normalize(weight, dim=-1) if self.l2_norm else weight
 
     def embed(self, ids: Tensor) -> Tensor:
-        """Token ids [B, N] -> unit-norm code vectors [B, N, token_dim]."""
+        """Token ids [B, N] -> code vectors [B, N, token_dim] (unit-norm unless l2_norm=False)."""
         if ids.dtype != torch.long:
             raise ValueError(f"VQ token ids must be torch.long, got {ids.dtype}")
         return F.embedding(ids, self.normalized_codebook())
 
+    def nearest(self, z: Tensor, codebook: Tensor) -> Tensor:
+        """Ids of the codes nearest to z [B, N, D]: the largest cosine for unit vectors, else the
+        smallest squared distance (written as TiTok writes it, so near-ties resolve the same way)."""
+        if self.l2_norm:
+            return torch.argmax(z @ codebook.t(), dim=-1)
+        distance = z.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1) - 2.0 * (z @ codebook.t())
+        return torch.argmin(distance, dim=-1)
+
     def latents(self, tokens: Tensor, num_tokens: int) -> Tensor:
-        """Token ids [B, num_tokens] -> unit-norm code vectors (the decoder's input)."""
+        """Token ids [B, num_tokens] -> code vectors (the decoder's input)."""
         if tokens.ndim != 2 or tokens.shape[1] != num_tokens:
             raise ValueError(f"vq decode expects ids [B, {num_tokens}], got {tuple(tokens.shape)}")
         return self.embed(tokens)
@@ -137,12 +151,12 @@ class VectorQuantizer(Bottleneck):
         # The lookup and losses run in float32 even under bf16 autocast: cosine ties and tiny
         # commitment terms are not resolvable in bf16.
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z = F.normalize(z.float(), dim=-1)
+            z = F.normalize(z.float(), dim=-1) if self.l2_norm else z.float()
             restart = self.training and self.dead_code_restart_steps > 0
             if restart:
                 self._restart_dead_codes(z.detach().reshape(-1, self.token_dim))
             codebook = self.normalized_codebook()
-            ids = torch.argmax(z.detach() @ codebook.t(), dim=-1)
+            ids = self.nearest(z.detach(), codebook)
             quantized = F.embedding(ids, codebook)
             codebook_loss = F.mse_loss(quantized, z.detach())
             commitment_loss = F.mse_loss(z, quantized.detach())
@@ -193,14 +207,20 @@ class KLBottleneck(Bottleneck):
         if h.ndim != 3 or h.shape[-1] != 2 * self.token_dim:
             raise ValueError(f"KLBottleneck expects [B, N, {2 * self.token_dim}], got {tuple(h.shape)}")
         with torch.autocast(device_type=h.device.type, enabled=False):
-            mean, logvar = h.float().chunk(2, dim=-1)
-            logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite early in training
+            mean, logvar = self.posterior(h)
             std = torch.exp(0.5 * logvar)
             z = mean + std * torch.randn_like(mean) if self.training else mean
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
             loss = self.kl_weight * kl.sum(dim=(1, 2)).mean()
             stats = {"kl_per_dim": kl.mean().detach(), "posterior_std": std.mean().detach()}
         return z, z, {"kl": loss}, stats
+
+    @staticmethod
+    def posterior(h: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log-variance) in float32: the first and second halves of the channels, the
+        log-variance clamped to [-30, 20] (keeps exp() finite early in training; TiTok's too)."""
+        mean, logvar = h.float().chunk(2, dim=-1)
+        return mean, logvar.clamp(-30.0, 20.0)
 
     def latents(self, tokens: Tensor, num_tokens: int) -> Tensor:
         """Continuous tokens [B, num_tokens, token_dim] are the decoder latents themselves."""

@@ -11,20 +11,26 @@ as attention keys).
 Images are in [0, 1]; the encoder centres them to [-1, 1] and the decoder maps back, so the
 reconstruction has the input's range (not clamped). Without centring the patch embeddings of
 different images share a large common offset and early training collapses to the mean image.
+
+Config fields also express the layout of bytedance/1d-tokenizer's TiTok, so its checkpoints
+import exactly (models/titok_import.py): a class token before the patches in encoder and
+decoder, a LayerNorm before the blocks, a 3x3 conv after unpatchify, raw (uncentred) pixels,
+euclidean VQ lookup, LayerNorm eps 1e-5 and different encoder and decoder sizes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import LayerNorm, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
 from models.quantizers import BOTTLENECKS, Bottleneck
-from models.tokenizer_config import TOKENIZER_SIZES, TokenizerConfig
+from models.tokenizer_config import TokenizerConfig
 
 
 @dataclass
@@ -60,21 +66,28 @@ class TextConditioner(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of pre-norm timm ViT blocks with a final LayerNorm; takes an optional boolean
-    key mask [B, S] (True = attend)."""
+    """A stack of pre-norm timm ViT blocks with a final LayerNorm (and, with `pre_norm`, one
+    before the blocks); takes an optional boolean key mask [B, S] (True = attend)."""
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, drop_path: float):
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, drop_path: float,
+                 pre_norm: bool = False, block_norm_eps: float = 1e-6):
         super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
         # Stochastic depth grows linearly with depth (plain floats: this also runs on "meta").
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        norm = partial(LayerNorm, eps=block_norm_eps)
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r) for r in rates
+            Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm) for r in rates
         )
+        # Identity has no parameters: the default layout's state dict is unchanged.
+        self.pre_norm = nn.LayerNorm(width) if pre_norm else nn.Identity()
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         # SDPA broadcasts a [B, 1, 1, S] mask over heads and queries.
         attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
+        x = self.pre_norm(x)
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask)
         return self.norm(x)
@@ -101,41 +114,48 @@ class Tokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.config = config
-        width, depth, heads = TOKENIZER_SIZES[config.size]
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        width, depth, heads = config.encoder_dims
+        dec_width, dec_depth, dec_heads = config.decoder_dims
         self.width = width
         n_patch, n_latent = config.num_patches, config.num_latent_tokens
+        # The class token (if any) sits before the patches and has the first position row.
+        self.num_prefix = 1 if config.class_token else 0
+        blocks = dict(pre_norm=config.pre_norm, block_norm_eps=config.block_norm_eps)
 
         # Encoder
         self.patch_embed = PatchEmbed(config.image_size, config.patch_size, config.channels, width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_patch, width))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if config.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + n_patch, width))
         self.latent_tokens = nn.Parameter(torch.zeros(1, n_latent, width))
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, n_latent, width))
-        self.encoder = Transformer(width, depth, heads, config.mlp_ratio, config.drop_path)
+        self.encoder = Transformer(width, depth, heads, config.mlp_ratio, config.drop_path, **blocks)
         bottleneck = BOTTLENECKS[config.bottleneck]
         self.to_bottleneck = nn.Linear(width, bottleneck.input_dim(config.token_dim))
         self.quantizer: Bottleneck = bottleneck.from_config(config)
 
         # Decoder
-        self.decoder_embed = nn.Linear(config.token_dim, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n_patch, width))
-        self.decoder_latent_pos_embed = nn.Parameter(torch.zeros(1, n_latent, width))
-        self.decoder = Transformer(width, depth, heads, config.mlp_ratio, config.drop_path)
-        self.to_pixels = nn.Linear(width, config.patch_size ** 2 * config.channels)
+        self.decoder_embed = nn.Linear(config.token_dim, dec_width)
+        self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, dec_width)) if config.class_token else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_width))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + n_patch, dec_width))
+        self.decoder_latent_pos_embed = nn.Parameter(torch.zeros(1, n_latent, dec_width))
+        self.decoder = Transformer(dec_width, dec_depth, dec_heads, config.mlp_ratio, config.drop_path, **blocks)
+        self.to_pixels = nn.Linear(dec_width, config.patch_size ** 2 * config.channels)
+        self.output_conv = (nn.Conv2d(config.channels, config.channels, 3, padding=1) if config.output_conv
+                            else nn.Identity())
 
         # Text conditioning (TexTok): separate projections for encoder and decoder.
         uses_text = config.text_dim > 0
         self.encoder_text = (TextConditioner(config.text_dim, config.max_text_tokens, width)
                              if uses_text and config.text_in_encoder else None)
-        self.decoder_text = (TextConditioner(config.text_dim, config.max_text_tokens, width)
+        self.decoder_text = (TextConditioner(config.text_dim, config.max_text_tokens, dec_width)
                              if uses_text and config.text_in_decoder else None)
 
         self.apply(_init_linear_and_norm)
         for p in (self.pos_embed, self.latent_tokens, self.latent_pos_embed, self.mask_token,
-                  self.decoder_pos_embed, self.decoder_latent_pos_embed):
-            trunc_normal_(p, std=0.02)
+                  self.decoder_pos_embed, self.decoder_latent_pos_embed, self.cls_token, self.decoder_cls_token):
+            if p is not None:
+                trunc_normal_(p, std=0.02)
         for cond in (self.encoder_text, self.decoder_text):
             if cond is not None:
                 trunc_normal_(cond.pos_embed, std=0.02)
@@ -172,7 +192,8 @@ class Tokenizer(nn.Module):
         self._check_text(self.encoder_text, text, text_mask, "encode")
         b = images.shape[0]
         # Centre [0, 1] pixels so the patch embedding is not dominated by a shared offset.
-        patches = self.patch_embed(images * 2.0 - 1.0) + self.pos_embed
+        pixels = images * 2.0 - 1.0 if self.config.centre_pixels else images
+        patches = _with_prefix(self.cls_token, self.patch_embed(pixels)) + self.pos_embed
         latents = (self.latent_tokens + self.latent_pos_embed).expand(b, -1, -1)
         text_x = None
         if self.encoder_text is not None:
@@ -186,14 +207,16 @@ class Tokenizer(nn.Module):
         c = self.config
         b = latents.shape[0]
         latents = self.decoder_embed(latents) + self.decoder_latent_pos_embed
-        masks = self.mask_token.expand(b, c.num_patches, -1) + self.decoder_pos_embed
+        masks = _with_prefix(self.decoder_cls_token, self.mask_token.expand(b, c.num_patches, -1))
+        masks = masks + self.decoder_pos_embed
         text_x = None
         if self.decoder_text is not None:
             text_x, text_mask = self.decoder_text(text, text_mask, b)
         x, key_mask = _sequence_with_text([masks, latents], text_x, text_mask, text_index=1)
         x = self.decoder(x, key_mask)
-        pixels = self.to_pixels(x[:, : c.num_patches])
-        return self._unpatchify(pixels) * 0.5 + 0.5  # back to the [0, 1] input range
+        pixels = self.to_pixels(x[:, self.num_prefix: self.num_prefix + c.num_patches])
+        images = self.output_conv(self._unpatchify(pixels))
+        return images * 0.5 + 0.5 if c.centre_pixels else images  # back to the [0, 1] input range
 
     def _unpatchify(self, x: Tensor) -> Tensor:
         c = self.config
@@ -220,6 +243,13 @@ class Tokenizer(nn.Module):
         latents, tokens, losses, stats = self._encode(images, text, text_mask)
         reconstruction = self._decode(latents, text, text_mask)
         return TokenizerOutput(reconstruction, tokens, losses, stats)
+
+
+def _with_prefix(token: Tensor | None, x: Tensor) -> Tensor:
+    """x [B, S, W] with the class token (if any) put before it."""
+    if token is None:
+        return x
+    return torch.cat([token.expand(x.shape[0], -1, -1), x], dim=1)
 
 
 def _init_linear_and_norm(m: nn.Module) -> None:

@@ -40,6 +40,15 @@ class TokenizerConfig:
     drop_path: float = 0.0
     kl_weight: float = 1e-6  # kl bottleneck only; scales the summed-per-image KL
     mlp_ratio: float = 4.0
+    # The reference layout of bytedance/1d-tokenizer's TiTok, which imported checkpoints use
+    # (models/titok_import.py); the defaults are tok1d's own layout and parameter names.
+    decoder_size: str = ""  # key of TOKENIZER_SIZES for the decoder; "" = the same as `size`
+    class_token: bool = False  # a learned class token before the patch tokens, in encoder and decoder
+    pre_norm: bool = False  # a LayerNorm before the first block (TiTok's ln_pre)
+    output_conv: bool = False  # a 3x3 conv (channels -> channels) after unpatchify (TiTok's conv_out)
+    centre_pixels: bool = True  # [0, 1] input centred to [-1, 1], output mapped back; False: raw
+    l2_norm: bool = True  # vq: look up l2-normalised latents among l2-normalised codes; False: euclidean
+    block_norm_eps: float = 1e-6  # the blocks' LayerNorm eps (timm's 1e-6; TiTok's nn.LayerNorm: 1e-5)
 
     def __post_init__(self) -> None:
         # The bottleneck table holds torch modules; an instance is only made to build or load a
@@ -48,6 +57,11 @@ class TokenizerConfig:
 
         if self.size not in TOKENIZER_SIZES:
             raise ValueError(f"TokenizerConfig.size={self.size!r}; choose one of {sorted(TOKENIZER_SIZES)}")
+        if self.decoder_size and self.decoder_size not in TOKENIZER_SIZES:
+            raise ValueError(f"TokenizerConfig.decoder_size={self.decoder_size!r}; choose one of "
+                             f"{sorted(TOKENIZER_SIZES)} or \"\" (the encoder's size)")
+        if self.block_norm_eps <= 0:
+            raise ValueError(f"block_norm_eps must be > 0, got {self.block_norm_eps}")
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
         if not 8 <= self.num_latent_tokens <= 256:
@@ -66,6 +80,16 @@ class TokenizerConfig:
             if not (self.text_in_encoder or self.text_in_decoder):
                 raise ValueError("text_dim > 0 but text_in_encoder and text_in_decoder are both False; "
                                  "set text_dim=0 for an unconditioned tokenizer")
+
+    @property
+    def encoder_dims(self) -> tuple[int, int, int]:
+        """(width, depth, heads) of the encoder."""
+        return TOKENIZER_SIZES[self.size]
+
+    @property
+    def decoder_dims(self) -> tuple[int, int, int]:
+        """(width, depth, heads) of the decoder (`decoder_size`, else the encoder's)."""
+        return TOKENIZER_SIZES[self.decoder_size or self.size]
 
     @property
     def grid_size(self) -> int:
