@@ -237,7 +237,23 @@ TokenizerModelSection = section_from_dataclass(
 TokenizerLossSection = section_from_dataclass(TokenizerLossConfig, exclude=("channels",))
 
 
+class ImportTitokConfig(Section):
+    """An official TiTok checkpoint (bytedance/1d-tokenizer) that train-tokenizer imports instead
+    of training (tasks/train_tokenizer/titok.py; `tok1d import-titok PATH` does the same)."""
+
+    # A folder with config.json / config.yaml and model.safetensors / pytorch_model.bin, or the
+    # weights file itself; None = train as usual.
+    path: str | None = None
+    # The settings file, when it is not beside the weights (e.g. the repository's configs/infer/*.yaml).
+    config: str | None = None
+    # Size names beyond TiTok's small/base/large: name -> [width, depth, heads].
+    sizes: dict[str, list[int]] = {}
+
+
 class TrainTokenizerConfig(Section):
+    # Set import_titok.path to import an official TiTok instead of training; the sections below
+    # are then not used.
+    import_titok: ImportTitokConfig = ImportTitokConfig()
     model: TokenizerModelSection = TokenizerModelSection()  # type: ignore[valid-type]
     loss: TokenizerLossSection = TokenizerLossSection()  # type: ignore[valid-type]
     train: TrainConfig = TrainConfig()

@@ -31,7 +31,7 @@ from models.tokenizer import Tokenizer
 from tasks.caption.read import load_captions
 from tasks.config import PretokenizeConfig
 from tasks.embed_text.read import TextSource
-from tasks.ingest.read import class_names, decode_images, iter_decoded_images
+from tasks.ingest.read import class_names, decode_images, image_resolution, iter_decoded_images
 from tasks.pretokenize.read import META_FILE, TABLE, decode_tokens, tokens_schema
 from tasks.stage import Stage, StageContext, StageOutput
 from tasks.store import Manifest, Store, TableRecord, write_json
@@ -263,9 +263,14 @@ def run_pretokenize(ctx: StageContext) -> StageOutput:
     store, ingest = ctx.store, ctx.inputs["ingest"]
     tokenizer_manifest = ctx.inputs["train-tokenizer"]
     model, info = load_tokenizer(tokenizer_manifest, store, ctx.device)
-    if info["ingest_artifact"] != ingest.artifact_id:
+    if info["ingest_artifact"] not in (None, ingest.artifact_id):  # None: imported, trained elsewhere
         log.warning("pretokenize: the tokenizer was trained on ingest/%s, encoding ingest/%s",
                     info["ingest_artifact"], ingest.artifact_id)
+    resolution = image_resolution(ingest, store)
+    if resolution != model.config.image_size:  # e.g. an imported 256 px TiTok on 32 px images
+        raise ValueError(f"pretokenize: the tokenizer takes {model.config.image_size}x{model.config.image_size} images, "
+                         f"ingest/{ingest.artifact_id} holds {resolution}x{resolution} ones; set "
+                         f"ingest.resolution={model.config.image_size}")
     text = TextSource(ctx.inputs["caption"], ctx.inputs["embed-text"], store) if info["text"]["uses_text"] else None
     if text is not None and text.dim != info["text"]["dim"]:
         raise ValueError(

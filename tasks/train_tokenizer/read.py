@@ -10,6 +10,8 @@ The one module of the stage that other stages import; it owns the artifact's fil
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from safetensors.torch import load_file
 
 from models.tokenizer import Tokenizer
 from models.tokenizer_config import TokenizerConfig
-from tasks.store import Manifest, Store, read_json, write_json
+from tasks.store import Manifest, Store, read_json, temporary_path, write_json
 from tasks.training.export import save_weights
 
 INFO_FILE = "tokenizer.json"
@@ -27,12 +29,16 @@ RAW_WEIGHTS = "tokenizer-raw.safetensors"
 
 
 def save_tokenizer(
-    directory: Path, config: TokenizerConfig, ema: dict[str, torch.Tensor], raw: dict[str, torch.Tensor],
+    directory: Path, config: TokenizerConfig, ema: dict[str, torch.Tensor], raw: dict[str, torch.Tensor] | None,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write both weight files and tokenizer.json (config, token shape, plus `extra`); returns the json."""
+    """Write both weight files and tokenizer.json (config, token shape, plus `extra`); returns the json.
+    `raw=None`: the weights were not trained here (an import), the raw file is a hard link to the EMA one."""
     save_weights(ema, directory / EMA_WEIGHTS)
-    save_weights(raw, directory / RAW_WEIGHTS)
+    if raw is not None:
+        save_weights(raw, directory / RAW_WEIGHTS)
+    else:
+        link_weights(directory / EMA_WEIGHTS, directory / RAW_WEIGHTS)
     discrete = config.bottleneck == "vq"
     info = {
         "config": dataclasses.asdict(config),
@@ -46,6 +52,17 @@ def save_tokenizer(
     }
     write_json(directory / INFO_FILE, info)
     return info
+
+
+def link_weights(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source` (a copy where links are not possible): the same tensors
+    under both names without storing them twice."""
+    tmp = temporary_path(target)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def tokenizer_info(manifest: Manifest, store: Store) -> dict[str, Any]:

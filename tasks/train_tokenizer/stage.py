@@ -6,6 +6,9 @@ processes (`runtime.processes`, or one per GPU), in torchrun workers started by 
 launcher (`tasks.training.launch`). Every rank derives its random numbers from (seed, step,
 rank), and the loop checkpoints weights, EMA, discriminator, optimizers and the data position,
 so a killed run resumes from `work_dir` and ends with the weights of an uninterrupted one.
+
+With `import_titok.path` set the stage trains nothing: it imports an official TiTok checkpoint
+(tasks/train_tokenizer/titok.py) into the same artifact format, reading no ingest.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from __future__ import annotations
 from models.quantizers import BOTTLENECKS
 from tasks.config import TrainTokenizerConfig
 from tasks.stage import Stage, StageContext, StageOutput
+from tasks.train_tokenizer.titok import fingerprint, run_import
 from tasks.train_tokenizer.trainer import TokenizerTrainer
 from tasks.training.launch import run_training
 
 
 def run_train_tokenizer(ctx: StageContext) -> StageOutput:
+    if ctx.config.import_titok.path:
+        return run_import(ctx)
     return run_training(ctx, TokenizerTrainer)
 
 
@@ -25,6 +31,8 @@ def check_tokenizer(config: TrainTokenizerConfig) -> None:
     """The model section as the trainer will build it, checked when the config loads: a bad size
     or token count fails before ingest runs, not after. The values the trainer derives from its
     inputs (image size, text width) get stand-ins that pass, so only the section is judged."""
+    if config.import_titok.path and config.use_text:
+        raise ValueError("train_tokenizer.import_titok: an imported TiTok takes no text; set train_tokenizer.use_text=false")
     if config.model.bottleneck not in BOTTLENECKS:
         raise ValueError(f"train_tokenizer.model.bottleneck: unknown bottleneck {config.model.bottleneck!r}; "
                          f"known: {sorted(BOTTLENECKS)}")
@@ -37,7 +45,9 @@ def check_tokenizer(config: TrainTokenizerConfig) -> None:
 
 
 def tokenizer_inputs(config) -> tuple[str, ...]:
-    """The images; a TexTok also reads the captions and their text embeddings."""
+    """The images; a TexTok also reads the captions and their text embeddings; an import reads nothing."""
+    if config.train_tokenizer.import_titok.path:
+        return ()
     return ("ingest", "caption", "embed-text") if config.train_tokenizer.use_text else ("ingest",)
 
 
@@ -52,4 +62,5 @@ STAGE = Stage(
     inputs=tokenizer_inputs,
     check=check_tokenizer,
     run=run_train_tokenizer,
+    fingerprint=lambda config: fingerprint(config.import_titok),
 )
