@@ -10,10 +10,11 @@ so loading presets and reading the lineage stay light.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, create_model, field_validator, model_validator
 
 from models.tokenizer_config import TokenizerConfig
 from models.tokenizer_loss_config import TokenizerLossConfig
@@ -171,6 +172,51 @@ class GeminiConfig(Section):
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     max_words: int = 75
+    # sync: one generateContent request per image, `concurrency` at a time. batch: the images
+    # go as JSONL request files through the Batch API (half the price; results within 24 h),
+    # and a rerun after a kill resumes the jobs it recorded instead of submitting them again.
+    mode: Literal["sync", "batch"] = "sync"
+    # sync: at most this many requests per minute, shared through a Prefect global concurrency
+    # limit named `rate_limit_name` (created with a one-second burst if missing, left as it is
+    # if an operator made it) when the stage runs as a Prefect task, else within this process.
+    # None = no rate limit beyond `concurrency`.
+    requests_per_minute: float | None = None
+    rate_limit_name: str = "tok1d-gemini-requests"
+    # batch: images per request file (one batch job each); at most this long between polls of
+    # the jobs, and this long in all before the run stops and leaves them to the next run.
+    batch_size: int = 1000
+    batch_poll_s: float = 30.0
+    batch_max_wait_s: float = 48 * 3600.0
+
+    # Field validators, so that an error names the dotted key (caption.gemini.batch_size: ...).
+    @field_validator("requests_per_minute")
+    @classmethod
+    def _positive_rate(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError("must be > 0 requests per minute, or null for no limit")
+        return value
+
+    @field_validator("rate_limit_name")
+    @classmethod
+    def _limit_name(cls, value: str) -> str:
+        # Prefect refuses names with / % & > < in them; keep to a portable set.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", value):
+            raise ValueError("must be letters, digits, '_', '.' or '-' (at most 100)")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be >= 1 image per request file")
+        return value
+
+    @field_validator("batch_poll_s", "batch_max_wait_s")
+    @classmethod
+    def _positive_seconds(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be > 0 seconds")
+        return value
 
 
 class CaptionConfig(Section):

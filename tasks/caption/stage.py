@@ -130,6 +130,7 @@ def run_caption(ctx: StageContext) -> StageOutput:
         "failure_reasons": reasons,
         "pool_classes": len({row["label_id"] for row in pool_rows}),
         "pool_captions": pool.num_rows,
+        **run.details,
     }
     return StageOutput(tables=tables, summary=summary, complete=failures.num_rows == 0 and pending == 0)
 

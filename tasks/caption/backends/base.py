@@ -46,6 +46,8 @@ class CaptionRun:
     requests: int = 0
     retries: int = 0
     truncated: int = 0
+    # Further counts for the summary, by name (the Gemini batch path: jobs submitted, resumed...).
+    details: dict[str, int] = field(default_factory=dict)
 
 
 def caption_id(caption: str) -> str:

@@ -10,6 +10,10 @@ the run (`GeminiFatalError`): every further request would fail the same way.
 
 The API key comes from an environment variable or a Prefect Secret block and is registered with
 `tasks.secrets`, so that it is redacted from every text this module writes.
+
+With `requests_per_minute` set, every request (retries too) first takes a slot of the named rate
+limit (`tasks.rate_limits`): Prefect's global limit when the stage runs as a Prefect task, shared
+with every other process on that API, else a bucket within this process.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Iterable, Iterator
 
 from tasks.caption.backends.base import CaptionResult, clean_caption
 from tasks.config import GeminiConfig
+from tasks.rate_limits import RateLimiter, rate_limiter
 from tasks.secrets import load_named_secret, redact, register_secret
 
 log = logging.getLogger("tok1d")
@@ -152,6 +157,37 @@ def _enum_name(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+def fatal_error(config: GeminiConfig, error: Any, code: int) -> GeminiFatalError | None:
+    """The error that stops the run for an answer no later request can escape (bad key, unknown model)."""
+    message = redact(str(getattr(error, "message", None) or error))[:_DETAIL_CHARS]
+    if code in (401, 403) or (code == 400 and "API_KEY" in str(getattr(error, "details", ""))):
+        return GeminiFatalError(
+            f"Gemini rejected the API key ({code}: {message}); check ${config.api_key_env} "
+            f"or the Prefect Secret block caption.gemini.secret_block"
+        )
+    if code == 404:
+        return GeminiFatalError(
+            f"Gemini does not know model {config.model!r} ({code}: {message}); "
+            f"set caption.gemini.model to an available model"
+        )
+    return None
+
+
+def status_reason(code: int) -> str:
+    """The failure reason of an error status, as both the sync and the batch path record it."""
+    if code == 429:
+        return "rate-limited"
+    if code == 408:
+        return "timeout"
+    if code in RETRYABLE_STATUS:
+        return "server-error"
+    return "bad-request"
+
+
+def error_detail(error: BaseException) -> str:
+    return redact(f"{type(error).__name__}: {error}")[:_DETAIL_CHARS]
+
+
 @dataclass
 class GeminiStats:
     """Requests sent and retries made, across threads."""
@@ -179,6 +215,9 @@ class GeminiCaptioner:
         self.stats = GeminiStats()
         self._rng = random.Random(seed)
         self._timeouts, self._transports = _transport_errors()
+        self._limiter: RateLimiter | None = (
+            rate_limiter(config.rate_limit_name, config.requests_per_minute) if config.requests_per_minute else None
+        )
         # Set by the first fatal answer; every other worker then stops before its next request.
         self._fatal: GeminiFatalError | None = None
         # Set when the caller stops consuming (error, Ctrl-C): no further retries or backoff sleeps.
@@ -196,19 +235,21 @@ class GeminiCaptioner:
                 raise self._fatal
             if self._stop.is_set():
                 raise RuntimeError("gemini captioning was stopped")
+            if self._limiter is not None:
+                self._limiter.acquire()
             attempts += 1
             self.stats.add(requests=1)
             try:
                 response = self.client.models.generate_content(model=config.model, contents=contents)
             except errors.APIError as error:
                 code = int(error.code or 0)
-                fatal = self._fatal_error(error, code)
+                fatal = fatal_error(config, error, code)
                 if fatal is not None:
                     self._fatal = fatal
                     raise fatal from None  # the SDK error's text may quote the request
+                reason = status_reason(code)
                 if code not in RETRYABLE_STATUS:
-                    return self._failure(image_id, "bad-request", error, attempts)
-                reason = "rate-limited" if code == 429 else ("timeout" if code == 408 else "server-error")
+                    return self._failure(image_id, reason, error, attempts)
                 transient = (reason, error, retry_after_seconds(error) if code == 429 else None)
             except self._timeouts as error:
                 transient = ("timeout", error, None)
@@ -239,23 +280,8 @@ class GeminiCaptioner:
             log.info("gemini: caption of %s %s", image_id, detail)
         return CaptionResult(image_id, caption, self.origin, None, detail, attempts, truncated)
 
-    def _fatal_error(self, error: Any, code: int) -> GeminiFatalError | None:
-        message = redact(str(getattr(error, "message", None) or error))[:_DETAIL_CHARS]
-        if code in (401, 403) or (code == 400 and "API_KEY" in str(error.details)):
-            return GeminiFatalError(
-                f"Gemini rejected the API key ({code}: {message}); check ${self.config.api_key_env} "
-                f"or the Prefect Secret block caption.gemini.secret_block"
-            )
-        if code == 404:
-            return GeminiFatalError(
-                f"Gemini does not know model {self.config.model!r} ({code}: {message}); "
-                f"set caption.gemini.model to an available model"
-            )
-        return None
-
     def _failure(self, image_id: str, reason: str, error: BaseException, attempts: int) -> CaptionResult:
-        detail = redact(f"{type(error).__name__}: {error}")[:_DETAIL_CHARS]
-        return CaptionResult(image_id, None, self.origin, reason, detail, attempts)
+        return CaptionResult(image_id, None, self.origin, reason, error_detail(error), attempts)
 
     def caption_many(self, items: Iterable[tuple[str, bytes]]) -> Iterator[CaptionResult]:
         """Results in completion order; at most 2 x concurrency images are held in memory."""
