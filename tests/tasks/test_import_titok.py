@@ -56,8 +56,8 @@ def test_imported_titok_runs_pretokenize_and_evaluate_beside_lineage(tmp_path):
     overrides = [f"train_tokenizer.import_titok.path={VQ}", TINY, "stages=[evaluate]",
                  "ingest.source.max_images=90", "ingest.shard_rows=64", "pretokenize.decode_check_images=4",
                  "train_generator.train.steps=3", "train_generator.train.batch_size=16",
-                 "train_generator.train.checkpoint_every=3", "evaluate.num_samples=12", "evaluate.batch_size=12",
-                 "evaluate.reference_images=24", "evaluate.grid_images=4", "runtime.device=cpu", "runtime.threads=1"]
+                 "train_generator.train.checkpoint_every=3", "evaluate.num_samples=8", "evaluate.batch_size=8",
+                 "evaluate.reference_images=12", "evaluate.grid_images=4", "runtime.device=cpu", "runtime.threads=1"]
     config = load_config("smoke", overrides)
     assert stages_to_run(config) == ["ingest", "train-tokenizer", "pretokenize", "train-generator", "evaluate"]
     assert get_stage("train-tokenizer").inputs(config) == ()  # an import reads no images
@@ -76,7 +76,7 @@ def test_imported_titok_runs_pretokenize_and_evaluate_beside_lineage(tmp_path):
     meta = json.loads(pretokenized.path(store, "tokens.json").read_text())
     assert (meta["tokenizer_artifact"], meta["codebook_size"], meta["image_size"]) == (imported_id, 64, 32)
     evaluated = results["evaluate"].manifest
-    assert evaluated.summary["num_samples"] == 12 and math.isfinite(evaluated.summary["gfid"])
+    assert evaluated.summary["num_samples"] == 8 and math.isfinite(evaluated.summary["gfid"])
 
     connection = lineage.connect(store)
     try:
@@ -153,3 +153,21 @@ def test_bad_import_settings_are_clear_errors(tmp_path):
     assert parse_sizes(["tiny=64,2,2", "mid=128,4,4"]) == {"tiny": [64, 2, 2], "mid": [128, 4, 4]}
     with pytest.raises(ValueError, match="expected NAME=WIDTH,DEPTH,HEADS"):
         parse_sizes(["tiny=64,2"])
+
+
+def test_imported_vae_pretokenizes_its_posterior_means(tmp_path):
+    store = Store(tmp_path / "store")
+    vae = REFERENCE / "titok-tiny-vae"
+    config = load_config("smoke", [f"train_tokenizer.import_titok.path={vae}", TINY, "stages=[pretokenize]",
+                                   "ingest.source.max_images=40", "pretokenize.decode_check_images=4",
+                                   "runtime.device=cpu", "runtime.threads=1"])
+    results = {}
+    for name in stages_to_run(config):
+        inputs = {up: results[up].manifest for up in get_stage(name).inputs(config)}
+        results[name] = execute_stage(name, config.section(name), inputs, store, config.runtime)
+    tokens = results["pretokenize"].manifest
+    meta = json.loads(tokens.path(store, "tokens.json").read_text())
+    assert (meta["discrete"], meta["seq_len"], meta["token_dim"], tokens.rows) == (False, 8, 8, 40)
+    # float16 means decode back to the reconstructions of the exact means (pretokenize's own check).
+    assert tokens.summary["decode_check_max_abs_diff"] < 0.02
+    assert tokens.summary["decode_check_token_rel_diff"] < 2e-3
