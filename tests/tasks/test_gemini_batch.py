@@ -124,7 +124,7 @@ def test_batch_splits_records_before_polling_and_stores_captions(tmp_path, store
         server.on_poll = check_recorded
         output, artifact = run(work, store, manifest, batch_config(server), shard_rows=3)
 
-    # Request files of 4 images, cut from the sorted image ids, one job each, in that order.
+    # Request files of 4 images, cut from the missing image ids in ingest order, one job each.
     ids = [image_id(i) for i in range(10)]
     assert [lines_of(job) for job in server.submissions] == [ids[0:4], ids[4:8], ids[8:10]]
     assert len(server.uploads) == 3
@@ -231,23 +231,31 @@ def test_max_wait_stops_the_run_and_the_rerun_resumes_without_resubmitting(tmp_p
     assert load_captions(artifact, store).num_rows == 6
 
 
-def test_a_job_created_but_not_recorded_is_found_by_its_display_name(tmp_path, store):
-    manifest = ingest_artifact(store, 8)
+def test_resume_finds_an_unrecorded_job_and_rebuilds_a_lost_request_file(tmp_path, store):
+    manifest = ingest_artifact(store, 12)
     work = tmp_path / "w"
     with FakeGemini() as server:
         server.hold = True
         with pytest.raises(RuntimeError, match="not done after"):
             run(work, store, manifest, batch_config(server, batch_max_wait_s=0.1))
-        # As if the process died while batches.create was in flight: uploaded, but no job recorded.
+        assert len(server.submissions) == 3
         path = work / "gemini-batch" / "jobs.json"
         data = json.loads(path.read_text())
+        # As if the process died while batches.create was in flight: uploaded, but no job recorded.
         data["entries"][1]["job"] = None
+        # As if it died after recording the request file, before uploading it; and the file is lost.
+        data["entries"][2]["job"] = data["entries"][2]["file"] = None
+        (work / "gemini-batch" / "requests" / f"{data['entries'][2]['digest'][:16]}.jsonl").unlink()
         path.write_text(json.dumps(data))
 
         server.hold = False
         output, _ = run(work, store, manifest, batch_config(server))
-        assert len(server.submissions) == 2  # found among the project's batches, not submitted again
-    assert output.complete and output.summary["batch_jobs_resumed"] == 2
+        # Entry 1's job was found among the project's batches; entry 2 was rebuilt and submitted.
+        assert len(server.submissions) == 4
+        rebuilt = server.files[server.submissions[3].input_file]
+    assert hashlib.sha256(rebuilt).hexdigest() == data["entries"][2]["digest"]  # the same file again
+    assert output.complete and output.summary["captioned"] == 12
+    assert (output.summary["batch_jobs_resumed"], output.summary["batch_jobs_submitted"]) == (2, 1)
 
 
 KILL_SCRIPT = """

@@ -5,8 +5,9 @@ Written against the Gemini API v1beta Batch API as google-genai 3.x calls it (th
 reference's `models.batchGenerateContent`, `batches.get`, and the Files API's resumable upload
 and `files/{id}:download`):
 
-1. The images still missing are sorted by image id and cut into request files of
-   `batch_size` images, so the same missing set always gives the same files. Each line is
+1. The images still missing are cut, in ingest order, into request files of `batch_size`
+   images: the same missing set of the same ingest artifact always gives the same files (one
+   pass over the images, whatever their number). Each line is
    `{"key": <image_id>, "request": GenerateContentRequest}` with the PNG inline and the prompt.
 2. Each file is uploaded (`client.files.upload`, mime type jsonl) and submitted as one job
    (`client.batches.create(model, src="files/...")`), its display name carrying the file's
@@ -30,6 +31,7 @@ run. Nothing here holds the API key: the SDK client does, and every text we writ
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import random
@@ -37,7 +39,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tasks.caption.backends.base import CaptionResult
 from tasks.caption.backends.gemini.batch_ledger import BatchEntry, BatchLedger, file_digest, write_request_file
@@ -196,32 +198,38 @@ class GeminiBatchCaptioner:
             log.info("gemini batch: resuming %d recorded request files (%d images) from %s",
                      len(resumed), sum(len(e.image_ids) for e in resumed), ledger.path)
         covered = ledger.covered()
-        fresh = sorted(image_id for image_id in missing if image_id not in covered)
-        size = self.config.batch_size
-        chunks = [fresh[start : start + size] for start in range(0, len(fresh), size)]
+        fresh = [image_id for image_id in missing if image_id not in covered]
 
         # Recorded entries first (a kill may have left them before their upload or job), then new files.
         for entry in resumed:
             if entry.job is None:
                 self._submit(entry, images, on_results)
-        for chunk in chunks:
-            entry = self._prepare(chunk, images)
+        for entry in self._prepare(images.pngs(fresh)):
             self._submit(entry, images, on_results)
         self._wait(on_results)
 
-    def _prepare(self, image_ids: list[str], images: IngestImages) -> BatchEntry:
-        """Write one request file and record it (digest and images) before it is uploaded."""
-        path, digest = self._write_requests(image_ids, images)
-        entry = BatchEntry(digest=digest, image_ids=image_ids)
-        self.ledger.entries.append(entry)
-        self.ledger.save()
-        log.debug("gemini batch: request file %s (%d images)", path.name, len(image_ids))
-        return entry
+    def _prepare(self, pngs: Iterator[tuple[str, bytes]]) -> Iterator[BatchEntry]:
+        """Request files of `batch_size` images from one pass over `pngs`, each recorded (digest and
+        images) before it is handed on to be uploaded; a file's lines are streamed to disk."""
+        stream = iter(pngs)
+        while (first := next(stream, None)) is not None:
+            image_ids: list[str] = []
+            path, digest = self._write_requests(itertools.chain([first], itertools.islice(stream, self.config.batch_size - 1)), image_ids)
+            entry = BatchEntry(digest=digest, image_ids=image_ids)
+            self.ledger.entries.append(entry)
+            self.ledger.save()
+            log.debug("gemini batch: request file %s (%d images)", path.name, len(image_ids))
+            yield entry
 
-    def _write_requests(self, image_ids: list[str], images: IngestImages) -> tuple[Path, str]:
-        pngs = dict(images.pngs(image_ids))  # one request file's PNGs: batch_size images at most
-        lines: Iterator[bytes] = (request_line(image_id, pngs[image_id], self.config.prompt) for image_id in image_ids)
-        return write_request_file(self.ledger.root / "requests", lines)
+    def _write_requests(self, pngs: Iterable[tuple[str, bytes]], image_ids: list[str]) -> tuple[Path, str]:
+        """Write the request file of `pngs`, appending their ids to `image_ids`: (path, sha256)."""
+
+        def lines() -> Iterator[bytes]:
+            for image_id, png in pngs:
+                image_ids.append(image_id)
+                yield request_line(image_id, png, self.config.prompt)
+
+        return write_request_file(self.ledger.root / "requests", lines())
 
     def _submit(self, entry: BatchEntry, images: IngestImages, on_results: Callable) -> None:
         """Upload the entry's file and create its job, recording each step; failures end the entry."""
@@ -238,7 +246,7 @@ class GeminiBatchCaptioner:
                 path = self.ledger.request_path(entry)
                 if file_digest(path) != entry.digest:
                     # Lost or damaged since it was recorded: the same images give the same file.
-                    path, digest = self._write_requests(entry.image_ids, images)
+                    path, digest = self._write_requests(images.pngs(entry.image_ids), [])
                     if digest != entry.digest:
                         log.warning("gemini batch: request file %s rebuilt with another digest", entry.digest[:16])
                         entry.digest = digest
