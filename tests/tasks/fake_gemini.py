@@ -167,6 +167,7 @@ class FakeGemini:
         self.on_poll: Callable[[FakeBatch], None] | None = None
         self._job_outcomes: list[str] = []
         self._create_answers: list[Behaviour] = []
+        self._poll_answers: list[Behaviour] = []
         self._uploading: dict[str, bytearray] = {}
         self._ids = 0
         self._lock = threading.Lock()
@@ -196,6 +197,11 @@ class FakeGemini:
         """What the next batchGenerateContent calls answer: a `Status` is an error, else the job is created."""
         with self._lock:
             self._create_answers = list(answers)
+
+    def script_polls(self, answers: list[Behaviour]) -> None:
+        """What the next batches.get calls answer: a `Status` is an error, else the job as it stands."""
+        with self._lock:
+            self._poll_answers = list(answers)
 
     def _new_id(self, prefix: str) -> str:
         with self._lock:
@@ -354,6 +360,10 @@ class FakeGemini:
                 with server._lock:
                     job = server.batches.get(name)
                     server.batch_polls += 1
+                    answer = server._poll_answers.pop(0) if server._poll_answers else None
+                if isinstance(answer, Status):
+                    self._answer(answer, "")
+                    return
                 if job is None:
                     self._send_json(404, _error(404, f"{name} not found", "NOT_FOUND"))
                     return

@@ -258,6 +258,26 @@ def test_resume_finds_an_unrecorded_job_and_rebuilds_a_lost_request_file(tmp_pat
     assert (output.summary["batch_jobs_resumed"], output.summary["batch_jobs_submitted"]) == (2, 1)
 
 
+def test_poll_errors_are_retried_and_a_vanished_job_fails_its_images(tmp_path, store):
+    manifest = ingest_artifact(store, 8)
+    work = tmp_path / "w"
+    with FakeGemini() as server:
+        server.hold = True
+        with pytest.raises(RuntimeError, match="not done after"):
+            run(work, store, manifest, batch_config(server, batch_max_wait_s=0.1))
+        server.hold = False
+        del server.batches[server.submissions[0].name]  # the service no longer knows the first job
+        server.script_polls([Status(503), Status(500)])  # the next two polls fail: tried again later
+        output, artifact = run(work, store, manifest, batch_config(server))
+        assert len(server.submissions) == 2
+    failures = {r["image_id"]: r for r in load_failures(artifact, store).to_pylist()}
+    assert sorted(failures) == [image_id(i) for i in range(4)]
+    assert {r["reason"] for r in failures.values()} == {"batch-missing"}
+    captions = load_captions(artifact, store)
+    assert sorted(captions["image_id"].to_pylist()) == [image_id(i) for i in range(4, 8)]
+    assert output.summary["batch_jobs_failed"] == 1 and not output.complete
+
+
 KILL_SCRIPT = """
 import sys
 from pathlib import Path

@@ -46,8 +46,8 @@ from tasks.caption.backends.gemini.batch_ledger import BatchEntry, BatchLedger, 
 from tasks.caption.backends.gemini.client import (
     RETRYABLE_STATUS,
     GeminiFatalError,
-    _enum_name,
-    _transport_errors,
+    enum_name,
+    transport_errors,
     backoff_delay,
     error_detail,
     fatal_error,
@@ -132,12 +132,12 @@ def parse_results(
         except ValueError:
             unreadable += 1
             continue
-        if key not in wanted or key in results:
-            unreadable += 1  # a key we did not send, or sent once and answered twice
+        if not isinstance(key, str) or key not in wanted or key in results:
+            unreadable += 1  # no key, a key we did not send, or one answered twice
             continue
         if isinstance(line.get("error"), dict):
             error = line["error"]
-            code = int(error.get("code") or 0)
+            code = error.get("code") if isinstance(error.get("code"), int) else 0
             detail = redact(f"{code} {error.get('status', '')}: {error.get('message', '')}")[:500]
             results[key] = CaptionResult(key, None, origin, status_reason(code), detail, 1)
             continue
@@ -180,7 +180,11 @@ class GeminiBatchCaptioner:
         self.stats = BatchStats()
         self._rng = random.Random(seed)
         self._sleep = sleep
-        self._timeouts, self._transports = _transport_errors()
+        self._timeouts, self._transports = transport_errors()
+        from google.genai import errors
+
+        # What a poll or download may meet and try again at the next poll (other errors are bugs).
+        self._transient: tuple[type, ...] = (errors.APIError, *self._timeouts, *self._transports)
 
     # ------------------------------------------------------------------ the run
 
@@ -214,7 +218,8 @@ class GeminiBatchCaptioner:
         stream = iter(pngs)
         while (first := next(stream, None)) is not None:
             image_ids: list[str] = []
-            path, digest = self._write_requests(itertools.chain([first], itertools.islice(stream, self.config.batch_size - 1)), image_ids)
+            chunk = itertools.chain([first], itertools.islice(stream, self.config.batch_size - 1))
+            path, digest = self._write_requests(chunk, image_ids)
             entry = BatchEntry(digest=digest, image_ids=image_ids)
             self.ledger.entries.append(entry)
             self.ledger.save()
@@ -272,7 +277,7 @@ class GeminiBatchCaptioner:
                               for i in entry.image_ids], on_results)
             return
         entry.job = job.name
-        entry.state = _enum_name(job.state) if job.state is not None else None
+        entry.state = enum_name(job.state) if job.state is not None else None
         self.ledger.save()  # recorded before any poll: a kill from here on resumes this job
         self.stats.jobs_submitted += 1
         self.stats.requests += len(entry.image_ids)
@@ -323,14 +328,14 @@ class GeminiBatchCaptioner:
     def _poll(self, entry: BatchEntry, on_results: Callable[[list[CaptionResult]], None]) -> None:
         try:
             job = self.client.batches.get(name=entry.job)
-        except Exception as error:
+        except self._transient as error:
             self._raise_if_fatal(error, gone_ok=True)
             if _status(error) == 404:
                 self._fail_job(entry, "batch-missing", f"batch job {entry.job} is not known to the service", on_results)
             else:
                 log.debug("gemini batch: polling %s failed (%s); next poll tries again", entry.job, error_detail(error))
             return
-        state = _enum_name(job.state) if job.state is not None else "JOB_STATE_UNSPECIFIED"
+        state = enum_name(job.state) if job.state is not None else "JOB_STATE_UNSPECIFIED"
         entry.state = state
         if state not in ENDED:
             return
@@ -346,7 +351,7 @@ class GeminiBatchCaptioner:
             return
         try:
             data = self.client.files.download(file=name)
-        except Exception as error:
+        except self._transient as error:
             self._raise_if_fatal(error, gone_ok=True)
             if _status(error) == 404:
                 self._fail_job(entry, "batch-missing", f"results file {name} of {entry.job} is gone", on_results)

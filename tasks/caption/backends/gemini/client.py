@@ -84,7 +84,7 @@ def make_client(config: GeminiConfig, api_key: str) -> Any:
     return genai.Client(api_key=api_key, http_options=options)
 
 
-def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+def transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(timeout, other transport) exception types of httpx and httpx2 (the SDK uses either)."""
     timeouts: list[type] = []
     transports: list[type] = []
@@ -133,12 +133,12 @@ def parse_response(response: Any, max_words: int) -> tuple[str | None, str | Non
     feedback = getattr(response, "prompt_feedback", None)
     block = getattr(feedback, "block_reason", None) if feedback is not None else None
     if block:
-        return None, "blocked", f"promptFeedback.blockReason={_enum_name(block)}", False
+        return None, "blocked", f"promptFeedback.blockReason={enum_name(block)}", False
     candidates = getattr(response, "candidates", None) or []
     if not candidates:
         return None, "empty", "the answer has no candidates", False
     candidate = candidates[0]
-    finish = _enum_name(candidate.finish_reason) if candidate.finish_reason is not None else "STOP"
+    finish = enum_name(candidate.finish_reason) if candidate.finish_reason is not None else "STOP"
     if finish not in ("STOP", "FINISH_REASON_UNSPECIFIED"):
         reason = "blocked" if any(word in finish for word in _BLOCKING_WORDS) else "incomplete"
         return None, reason, f"finishReason={finish}", False
@@ -153,7 +153,7 @@ def parse_response(response: Any, max_words: int) -> tuple[str | None, str | Non
     return caption, None, "", False
 
 
-def _enum_name(value: Any) -> str:
+def enum_name(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
@@ -214,7 +214,7 @@ class GeminiCaptioner:
         self.origin = f"gemini:{config.model}"
         self.stats = GeminiStats()
         self._rng = random.Random(seed)
-        self._timeouts, self._transports = _transport_errors()
+        self._timeouts, self._transports = transport_errors()
         self._limiter: RateLimiter | None = (
             rate_limiter(config.rate_limit_name, config.requests_per_minute) if config.requests_per_minute else None
         )
