@@ -312,7 +312,8 @@ def test_docker_containers_request_gpus_only_on_the_gpu_pool(server):
 
 
 def test_cluster_pipeline_runs_cpu_and_gpu_stages_on_their_pools(server, tmp_path):
-    env = {**server["env"], "OMP_NUM_THREADS": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    # Workers poll every second (default 10 s): the test waits on each pickup.
+    env = {**server["env"], "OMP_NUM_THREADS": "1", "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_WORKER_QUERY_SECONDS": "1"}
     pools = {"cpu": "split-cpu", "gpu": "split-gpu"}
     for pool in pools.values():
         prefect("work-pool", "create", pool, "--type", "process", env=env)
@@ -341,8 +342,8 @@ def test_cluster_pipeline_runs_cpu_and_gpu_stages_on_their_pools(server, tmp_pat
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: server["api"]}):
-            ran = cluster_pipeline(preset="smoke", store=str(store), overrides=["stages=[ingest,caption,embed-text]"],
-                                   deployment="split")
+            ran = cluster_pipeline(preset="smoke", store=str(store), deployment="split",
+                                   overrides=["stages=[ingest,caption,embed-text]", "ingest.source.max_images=48"])
 
             async def child_runs(client):
                 return {stage: await client.read_flow_run(info["flow_run_id"]) for stage, info in ran.items()}
