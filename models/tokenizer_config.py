@@ -17,6 +17,9 @@ TOKENIZER_SIZES: dict[str, tuple[int, int, int]] = {
     "B": (768, 12, 12),
     "L": (1024, 24, 16),
 }
+# The keys of models.quantizers.BOTTLENECKS, whose classes are torch modules: validating a config
+# must not import torch. tests/models/test_tokenizer.py ties the two (a new bottleneck goes in both).
+BOTTLENECK_NAMES: tuple[str, ...] = ("vq", "kl")
 
 
 @dataclass
@@ -28,7 +31,7 @@ class TokenizerConfig:
     patch_size: int = 16
     size: str = "B"  # key of TOKENIZER_SIZES
     num_latent_tokens: int = 64
-    bottleneck: str = "vq"  # key of models.quantizers.BOTTLENECKS: "vq" | "kl"
+    bottleneck: str = "vq"  # one of BOTTLENECK_NAMES (the keys of models.quantizers.BOTTLENECKS)
     codebook_size: int = 4096
     token_dim: int = 12
     commitment: float = 0.25
@@ -51,10 +54,6 @@ class TokenizerConfig:
     block_norm_eps: float = 1e-6  # the blocks' LayerNorm eps (timm's 1e-6; TiTok's nn.LayerNorm: 1e-5)
 
     def __post_init__(self) -> None:
-        # The bottleneck table holds torch modules; an instance is only made to build or load a
-        # tokenizer, which imports torch anyway (a config section only reads the fields).
-        from models.quantizers import BOTTLENECKS
-
         if self.size not in TOKENIZER_SIZES:
             raise ValueError(f"TokenizerConfig.size={self.size!r}; choose one of {sorted(TOKENIZER_SIZES)}")
         if self.decoder_size and self.decoder_size not in TOKENIZER_SIZES:
@@ -66,8 +65,8 @@ class TokenizerConfig:
             raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
         if not 8 <= self.num_latent_tokens <= 256:
             raise ValueError(f"num_latent_tokens={self.num_latent_tokens} must be in [8, 256]")
-        if self.bottleneck not in BOTTLENECKS:
-            raise ValueError(f"TokenizerConfig.bottleneck={self.bottleneck!r}; known: {sorted(BOTTLENECKS)}")
+        if self.bottleneck not in BOTTLENECK_NAMES:
+            raise ValueError(f"TokenizerConfig.bottleneck={self.bottleneck!r}; known: {sorted(BOTTLENECK_NAMES)}")
         if self.token_dim < 1:
             raise ValueError(f"token_dim must be >= 1, got {self.token_dim}")
         if not 0.0 <= self.drop_path < 1.0:

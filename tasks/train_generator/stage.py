@@ -17,14 +17,18 @@ import logging
 
 from tasks.config import TrainGeneratorConfig
 from tasks.stage import Stage, StageContext, StageOutput
-from tasks.train_generator.kinds import check_kind
-from tasks.train_generator.trainer import GeneratorTrainer
-from tasks.training.launch import run_training
+from tasks.train_generator.kind_names import check_kind
 
 log = logging.getLogger("tok1d")
 
 
 def run_train_generator(ctx: StageContext) -> StageOutput:
+    # The trainer and the launcher import torch: here, not with the module, so that loading a
+    # config and answering a fully cached run stay torch-free (the code version follows these
+    # imports all the same, tasks/code_version.py).
+    from tasks.train_generator.trainer import GeneratorTrainer
+    from tasks.training.launch import run_training
+
     output = run_training(ctx, GeneratorTrainer)
     summary = output.summary
     log.info("train-generator: %s (%s) trained for %d steps, final loss %s",

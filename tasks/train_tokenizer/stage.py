@@ -13,17 +13,23 @@ With `import_titok.path` set the stage trains nothing: it imports an official Ti
 
 from __future__ import annotations
 
-from models.quantizers import BOTTLENECKS
+from models.tokenizer_config import BOTTLENECK_NAMES
 from tasks.config import TrainTokenizerConfig
 from tasks.stage import Stage, StageContext, StageOutput
-from tasks.train_tokenizer.titok import fingerprint, run_import
-from tasks.train_tokenizer.trainer import TokenizerTrainer
-from tasks.training.launch import run_training
+from tasks.train_tokenizer.titok_files import fingerprint
 
 
 def run_train_tokenizer(ctx: StageContext) -> StageOutput:
+    # The trainer, the importer and the launcher import torch: here, not with the module, so that
+    # loading a config and answering a fully cached run stay torch-free (the code version follows
+    # these imports all the same, tasks/code_version.py).
     if ctx.config.import_titok.path:
+        from tasks.train_tokenizer.titok import run_import
+
         return run_import(ctx)
+    from tasks.train_tokenizer.trainer import TokenizerTrainer
+    from tasks.training.launch import run_training
+
     return run_training(ctx, TokenizerTrainer)
 
 
@@ -33,9 +39,9 @@ def check_tokenizer(config: TrainTokenizerConfig) -> None:
     inputs (image size, text width) get stand-ins that pass, so only the section is judged."""
     if config.import_titok.path and config.use_text:
         raise ValueError("train_tokenizer.import_titok: an imported TiTok takes no text; set train_tokenizer.use_text=false")
-    if config.model.bottleneck not in BOTTLENECKS:
+    if config.model.bottleneck not in BOTTLENECK_NAMES:
         raise ValueError(f"train_tokenizer.model.bottleneck: unknown bottleneck {config.model.bottleneck!r}; "
-                         f"known: {sorted(BOTTLENECKS)}")
+                         f"known: {sorted(BOTTLENECK_NAMES)}")
     text = 1 if config.use_text else 0
     try:
         config.model.to_dataclass(image_size=max(config.model.patch_size, 1), channels=3, text_dim=text,

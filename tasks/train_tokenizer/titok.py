@@ -6,15 +6,14 @@ the checkpoint's settings (config.json, or the repository's config.yaml) and wei
 maps them exactly onto tok1d's tokenizer (models/titok_import.py, which refuses anything it
 cannot map) and writes the artifact as training would (tasks/train_tokenizer/read.py), with
 `imported_from` (paths and sha256 of the files) in tokenizer.json and the summary. The stage
-then reads no ingest: the cache key holds the checkpoint's stat fingerprint instead.
+then reads no ingest: the cache key holds the checkpoint's stat fingerprint instead (computed
+torch-free when a run is planned: tasks/train_tokenizer/titok_files.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,63 +26,9 @@ from tasks.config import ImportTitokConfig
 from tasks.hashing import sha256_file
 from tasks.stage import StageContext, StageOutput
 from tasks.train_tokenizer.read import save_tokenizer
+from tasks.train_tokenizer.titok_files import locate
 
 log = logging.getLogger("tok1d")
-
-SETTINGS_NAMES = ("config.json", "config.yaml", "config.yml")
-WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
-
-
-@dataclass(frozen=True)
-class TitokFiles:
-    """Where a checkpoint's settings and weights are."""
-
-    settings: Path
-    weights: Path
-
-
-def locate(config: ImportTitokConfig) -> TitokFiles:
-    """The settings and weights files `import_titok` names; a clear error when one is missing."""
-    if not config.path:
-        raise ValueError("train_tokenizer.import_titok.path is not set")
-    path = Path(config.path).expanduser().resolve()
-    if path.is_dir():
-        weights = next((path / n for n in WEIGHTS_NAMES if (path / n).is_file()), None)
-        if weights is None:
-            raise FileNotFoundError(f"train_tokenizer.import_titok.path: {path} has neither {' nor '.join(WEIGHTS_NAMES)}")
-    elif path.is_file():
-        if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
-            raise ValueError(f"train_tokenizer.import_titok.path: {path} is neither a folder nor a .safetensors/.bin "
-                             "weights file")
-        weights = path
-    else:
-        raise FileNotFoundError(f"train_tokenizer.import_titok.path: no such file or folder {path}")
-    if config.config:
-        settings = Path(config.config).expanduser().resolve()
-        if not settings.is_file():
-            raise FileNotFoundError(f"train_tokenizer.import_titok.config: no such file {settings}")
-    else:
-        settings = next((weights.parent / n for n in SETTINGS_NAMES if (weights.parent / n).is_file()), None)
-        if settings is None:
-            raise FileNotFoundError(f"train_tokenizer.import_titok: no {' / '.join(SETTINGS_NAMES)} beside {weights}; "
-                                    "name the settings file with import_titok.config (tok1d import-titok --config)")
-    return TitokFiles(settings, weights)
-
-
-def fingerprint(config: ImportTitokConfig) -> str:
-    """The checkpoint files' paths, sizes and modification times (a changed file: a new cache key);
-    empty when nothing is imported, so a trained tokenizer's key is as before."""
-    if not config.path:
-        return ""
-    try:
-        files = locate(config)
-    except (OSError, ValueError):
-        return "missing"  # the stage run itself says what is wrong
-    digest = hashlib.sha256()
-    for path in (files.settings, files.weights):
-        stat = path.stat()
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def read_settings(path: Path) -> dict[str, Any]:

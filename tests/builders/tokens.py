@@ -12,7 +12,7 @@ import torch
 
 from builders.store import commit_folder, work_folder
 from tasks.pretokenize.read import META_FILE, TABLE, tokens_schema
-from tasks.pretokenize.stage import part_name, token_statistics, tokens_array
+from tasks.pretokenize.compute import part_name, token_statistics, tokens_array
 from tasks.store import Manifest, Store, TableRecord, write_json
 from tasks.tables import write_parquet_atomic
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from models.ema import EMA, param_groups_for_adamw
 from models.quantizers import BOTTLENECKS, KLBottleneck
 from models.tokenizer import Tokenizer, TokenizerOutput
-from models.tokenizer_config import TOKENIZER_SIZES, TokenizerConfig
+from models import tokenizer_config
+from models.tokenizer_config import BOTTLENECK_NAMES, TOKENIZER_SIZES, TokenizerConfig
 
 torch.set_num_threads(1)
 
@@ -141,6 +142,8 @@ def test_config_validation():
 
 
 def test_config_accepts_exactly_the_bottleneck_table():
+    # The config validates against a torch-free copy of the table's names: one source of truth.
+    assert sorted(BOTTLENECK_NAMES) == sorted(BOTTLENECKS)
     for name, cls in BOTTLENECKS.items():
         model = Tokenizer(tiny_config(bottleneck=name, token_dim=8))
         assert type(model.quantizer) is cls
@@ -164,6 +167,7 @@ class _TanhBottleneck(KLBottleneck):
 
 def test_a_registered_bottleneck_plugs_into_the_tokenizer(monkeypatch):
     monkeypatch.setitem(BOTTLENECKS, "tanh", _TanhBottleneck)
+    monkeypatch.setattr(tokenizer_config, "BOTTLENECK_NAMES", (*BOTTLENECK_NAMES, "tanh"))
     model = Tokenizer(tiny_config(bottleneck="tanh", token_dim=8)).eval()
     assert isinstance(model.quantizer, _TanhBottleneck) and not model.is_discrete
     images = torch.rand(2, 3, 16, 16)

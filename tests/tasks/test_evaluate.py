@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import tasks.evaluate.reference as reference
-import tasks.evaluate.stage as evaluate_stage
+import tasks.evaluate.compute as evaluate_stage
 from models.tokenizer import Tokenizer
 from models.tokenizer_config import TokenizerConfig
 from tasks.caption.backends import caption_id

@@ -25,7 +25,7 @@ from tasks.registry import get_stage
 from tasks.runner import execute_stage
 from tasks.store import Store
 from tasks.train_tokenizer.read import EMA_WEIGHTS, RAW_WEIGHTS, tokenizer_info
-from tasks.train_tokenizer.titok import fingerprint
+from tasks.train_tokenizer.titok_files import fingerprint
 from flows.run_plan import stages_to_run
 
 REFERENCE = Path("/work/shared/reference/titok-tiny")

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import tasks.pretokenize.stage as pretokenize_stage
+import tasks.pretokenize.compute as pretokenize_stage
 from tasks.config import PretokenizeConfig, RuntimeConfig
 from tasks.embed_text.read import TextSource
 from tasks.ingest.read import decode_images, image_table
@@ -156,7 +156,7 @@ KILL_SCRIPT = """
 import sys, time, json, torch
 torch.set_num_threads(1)
 from pathlib import Path
-import tasks.pretokenize.stage as stage
+import tasks.pretokenize.compute as stage
 from tasks.config import PretokenizeConfig, RuntimeConfig
 from tasks.stage import StageContext
 from tasks.store import Manifest, Store

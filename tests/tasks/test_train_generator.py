@@ -23,6 +23,7 @@ from tasks.config import RuntimeConfig, SamplingConfig, TrainConfig, TrainGenera
 from tasks.pipeline_config import PipelineConfig
 from tasks.stage import StageContext
 from tasks.store import Manifest, Store
+from tasks.train_generator.kind_names import KIND_NAMES
 from tasks.train_generator.kinds import KINDS, resolve_kind
 from tasks.train_generator.read import EMA_WEIGHTS, RAW_WEIGHTS, load_generator
 from tasks.train_generator.stage import STAGE, run_train_generator
@@ -86,6 +87,11 @@ def test_the_generator_reads_captions_only_when_text_conditioned():
     assert STAGE.inputs(PipelineConfig(name="class")) == ("pretokenize",)
     text = PipelineConfig(name="text", train_generator=TrainGeneratorConfig(conditioning="text"))
     assert STAGE.inputs(text) == ("caption", "embed-text", "pretokenize")
+
+
+def test_the_config_check_knows_exactly_the_kinds():
+    # The config validates against a torch-free copy of the table's names: one source of truth.
+    assert sorted(KIND_NAMES) == sorted(KINDS)
 
 
 def test_auto_picks_the_kind_whose_tokens_match():

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.config import TrainGeneratorConfig
+from tasks.train_generator.kind_names import check_kind
 from tasks.train_generator.kinds.base import Generator, GeneratorKind, TokenBatch
 from tasks.train_generator.kinds.dit import DiTKind
 from tasks.train_generator.kinds.maskgit import MaskGITKind
@@ -14,12 +15,6 @@ KINDS: dict[str, GeneratorKind] = {kind.name: kind for kind in (MaskGITKind(), D
 
 _TOKENS = {True: "discrete (VQ)", False: "continuous (KL)"}
 _BOTTLENECK = {True: "vq", False: "kl"}
-
-
-def check_kind(config: TrainGeneratorConfig) -> None:
-    """A clear error for a `train_generator.kind` that is neither auto nor in the table."""
-    if config.kind != "auto" and config.kind not in KINDS:
-        raise ValueError(f"train_generator.kind: unknown kind {config.kind!r}; known: auto, {', '.join(sorted(KINDS))}")
 
 
 def get_kind(name: str) -> GeneratorKind:
