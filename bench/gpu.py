@@ -79,7 +79,7 @@ from bench.generation_throughput import build as build_generation  # noqa: E402
 from bench.generation_throughput import throughput as generation_throughput  # noqa: E402
 from bench.inception_throughput import smooth_images  # noqa: E402
 from bench.tokenizer_throughput import PAPER_MODELS  # noqa: E402
-from models.ema import EMA, param_groups_for_adamw  # noqa: E402
+from models.ema import EMA  # noqa: E402
 from models.inception import InceptionFeatures  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 from models.tokenizer_config import TOKENIZER_SIZES  # noqa: E402
@@ -87,7 +87,7 @@ from tasks.config import SamplingConfig, TrainTokenizerConfig  # noqa: E402
 from tasks.presets import load_config  # noqa: E402
 from tasks.train_tokenizer.losses import build_loss, uses_inception  # noqa: E402
 from tasks.training.distributed import Processes  # noqa: E402
-from tasks.training.loop import autocast, optimize  # noqa: E402
+from tasks.training.loop import adamw, autocast, optimize  # noqa: E402
 
 T = TypeVar("T")
 
@@ -577,8 +577,7 @@ class TrainingStep:
             self.model = Tokenizer(self.model_config)
         self.loss = build_loss(config, inception).to(device)
         self.ema = EMA(self.model, config.train.ema_decay)
-        groups = param_groups_for_adamw(self.model, config.train.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=config.train.lr, betas=tuple(config.train.betas))
+        self.optimizer = adamw(self.model, config.train, device)
         self.processes = Processes(rank=0, world=1, local_rank=0, device=device)
         self.forward: torch.nn.Module = self.model
         self.count = 0

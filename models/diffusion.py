@@ -157,7 +157,7 @@ class GaussianDiffusion:
         x0: torch.Tensor,
         model_kwargs: dict | None = None,
         generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Hybrid loss at uniformly drawn timesteps: MSE(eps) (+ VLB when learn_sigma)."""
         b = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=x0.device)
@@ -167,14 +167,15 @@ class GaussianDiffusion:
         c = x0.shape[-1]
         mse = mean_flat((noise - out[..., :c]) ** 2)
         loss = mse
-        logs = {"mse": mse.mean().item()}
+        # Tensors: a `.item()` here would sync a GPU every step (the training loop reads logs on log steps).
+        logs = {"mse": mse.mean().detach()}
         if self.learn_sigma:
             # T * L_t is the unbiased VLB estimate; ADM divides it by 1000 so it cannot swamp the MSE.
             vb = self.vb_loss(out, x0, x_t, t) * (self.num_timesteps / 1000.0)
             loss = loss + vb
-            logs["vb"] = vb.mean().item()
+            logs["vb"] = vb.mean().detach()
         loss = loss.mean()
-        logs["loss"] = loss.item()
+        logs["loss"] = loss.detach()
         return loss, logs
 
     # ---------------------------------------------------------------- samplers

@@ -153,7 +153,7 @@ class MaskGIT(nn.Module):
 
     def training_loss(
         self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Label-smoothed cross-entropy on the masked positions only.
 
         Class dropout is applied only in train mode, so an eval-mode call gives a validation
@@ -169,7 +169,8 @@ class MaskGIT(nn.Module):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
         with torch.no_grad():
             acc = (logits.argmax(-1) == targets).float().mean()
-        logs = {"loss": loss.item(), "masked_acc": acc.item(), "mask_ratio": mask.float().mean().item()}
+        # Tensors: a `.item()` here would sync a GPU every step (the training loop reads logs on log steps).
+        logs = {"loss": loss.detach(), "masked_acc": acc, "mask_ratio": mask.float().mean()}
         return loss, logs
 
     # ---------------------------------------------------------------- sampling

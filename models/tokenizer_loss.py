@@ -144,7 +144,7 @@ class TokenizerLoss(nn.Module):
     def gan_active(self, step: int) -> bool:
         return self.has_discriminator and step >= self.config.gan_start_step
 
-    def generator_loss(self, images: Tensor, output: TokenizerOutput, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, images: Tensor, output: TokenizerOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Total generator loss (reconstruction + perceptual + bottleneck + GAN) and float logs."""
         cfg = self.config
         recon, images = output.reconstruction.float(), images.float()
@@ -170,9 +170,9 @@ class TokenizerLoss(nn.Module):
             logs["gan"] = gan
         logs["total"] = total
         logs.update(output.stats)
-        return total, _to_floats(logs)
+        return total, _detached(logs)
 
-    def discriminator_loss(self, images: Tensor, reconstruction: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def discriminator_loss(self, images: Tensor, reconstruction: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Hinge loss + LeCAM regulariser. Before gan_start_step the loss is multiplied by 0
         (still attached to the discriminator, so backward and DDP behave the same)."""
         if self.discriminator is None:
@@ -193,10 +193,10 @@ class TokenizerLoss(nn.Module):
         logs = {"d_loss": loss, "d_hinge": hinge, "lecam": lecam, "logits_real": real.mean(),
                 "logits_fake": fake.mean(), "ema_logits_real": self.ema_real_logits,
                 "ema_logits_fake": self.ema_fake_logits}
-        return loss, _to_floats(logs)
+        return loss, _detached(logs)
 
 
-def _to_floats(logs: dict[str, Tensor]) -> dict[str, float]:
-    # One device->host copy for all values instead of one .item() sync per entry.
-    values = torch.stack([v.detach().float().reshape(()) for v in logs.values()]).tolist()
-    return dict(zip(logs.keys(), values))
+def _detached(logs: dict[str, Tensor]) -> dict[str, Tensor]:
+    # Tensors, not floats: reading them on the host would sync a GPU every step; the training
+    # loop reads them, all in one copy, only on the steps it logs.
+    return {k: v.detach().float().reshape(()) for k, v in logs.items()}

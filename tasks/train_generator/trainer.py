@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.ema import EMA, param_groups_for_adamw
+from models.ema import EMA
 from tasks.config import TrainGeneratorConfig
 from tasks.embed_text.read import TextEmbeddings, load_text_embeddings
 from tasks.pretokenize.read import token_meta
@@ -25,7 +25,7 @@ from tasks.training.data import EpochOrder
 from tasks.training.distributed import Processes
 from tasks.training.export import copy_file
 from tasks.training.job import TrainingJob
-from tasks.training.loop import TrainingResult, autocast, optimize, plot_losses, step_seed
+from tasks.training.loop import TrainingResult, adamw, autocast, optimize, phase, plot_losses, step_seed
 from tasks.training.trainer import Trainer
 
 LOSS_PLOT = "losses.png"
@@ -55,10 +55,7 @@ class GeneratorTrainer(Trainer):
         fields = kind.model_fields(config, meta, texts.dim if texts is not None else 0)
         model = kind.build(fields).to(device)
         self.ema = EMA(model, decay=train_config.ema_decay)
-        self.optimizer = torch.optim.AdamW(
-            param_groups_for_adamw(model, train_config.weight_decay), lr=train_config.lr,
-            betas=tuple(train_config.betas), fused=device.type == "cuda",
-        )
+        self.optimizer = adamw(model, train_config, device)
         self.info: dict[str, Any] = {
             "kind": kind.name,
             "conditioning": config.conditioning,
@@ -87,16 +84,18 @@ class GeneratorTrainer(Trainer):
                              "artifact has none; set embed_text.backend (and caption.backend) to produce them")
         return texts
 
-    def step(self, rows: np.ndarray, step: int) -> dict[str, float]:
+    def step(self, rows: np.ndarray, step: int) -> dict[str, torch.Tensor]:
         train_config, generator = self.config.train, self.generator
         torch.manual_seed(step_seed(train_config.seed, step, self.processes.rank))
-        batch = self.batches.tensors(rows)
+        with phase("data"):
+            batch = self.batches.tensors(rows)
         generator.model.train()
-        with autocast(self.processes.device, train_config.precision):
+        with phase("forward"), autocast(self.processes.device, train_config.precision):
             loss, logs = generator.kind.training_loss(generator, batch)
         norm = optimize(loss, generator.model, self.optimizer, train_config.grad_clip, self.processes,
                         ddp_wrapped=False)
-        self.ema.update(generator.model, step)
+        with phase("ema"):
+            self.ema.update(generator.model, step)
         return {**logs, "grad_norm": norm}
 
     def export(self, result: TrainingResult) -> StageOutput:

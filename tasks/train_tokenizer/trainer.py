@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from models.ema import EMA, param_groups_for_adamw
+from models.ema import EMA
 from models.inception import InceptionFeatures
 from models.tokenizer import Tokenizer
 from models.tokenizer_config import TokenizerConfig
@@ -33,7 +33,7 @@ from tasks.train_tokenizer.reconstruction import Protocol, evaluate_reconstructi
 from tasks.training.distributed import Processes
 from tasks.training.export import copy_file
 from tasks.training.job import TrainingJob
-from tasks.training.loop import TrainingResult, autocast, optimize, plot_losses, step_seed
+from tasks.training.loop import TrainingResult, adamw, autocast, optimize, phase, plot_losses, step_seed
 from tasks.training.trainer import Trainer
 
 LOSS_PLOT = "losses.png"
@@ -78,18 +78,13 @@ class TokenizerTrainer(Trainer):
         self.loss = build_loss(config, self.inception).to(device)
         self.ema = EMA(self.model, train_config.ema_decay)
 
-        betas = (train_config.betas[0], train_config.betas[1])
-        groups = param_groups_for_adamw(self.model, train_config.weight_decay)
-        self.optimizers = {"model": torch.optim.AdamW(groups, lr=train_config.lr, betas=betas)}
+        self.optimizers = {"model": adamw(self.model, train_config, device)}
         # Checkpointed by name; the EMA copy is a plain module too.
         self.modules: dict[str, nn.Module] = {"model": self.model, "ema": self.ema.module}
         if self.loss.discriminator is not None:
             self.modules["gan"] = GanState(self.loss)
-            self.optimizers["discriminator"] = torch.optim.AdamW(
-                param_groups_for_adamw(self.loss.discriminator, train_config.weight_decay),
-                lr=config.discriminator_lr or train_config.lr,
-                betas=betas,
-            )
+            self.optimizers["discriminator"] = adamw(self.loss.discriminator, train_config, device,
+                                                     lr=config.discriminator_lr)
         self.forward: nn.Module = self.model
         if processes.distributed:
             self.forward = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -98,19 +93,21 @@ class TokenizerTrainer(Trainer):
         self.loader = BatchLoader(self.images, train_config.batch_size, processes.rank, processes.world,
                                   job.runtime.data_workers)
 
-    def step(self, rows: np.ndarray, step: int) -> dict[str, float]:
-        """One generator step (and one discriminator step once the GAN is active)."""
+    def step(self, rows: np.ndarray, step: int) -> dict[str, torch.Tensor]:
+        """One generator step (and one discriminator step once the GAN is active); logs as tensors."""
         train_config, processes = self.config.train, self.processes
         torch.manual_seed(step_seed(train_config.seed, step, processes.rank))
-        batch = self.loader.get(rows, step).to(self.device)
+        with phase("data"):
+            batch = self.loader.get(rows, step).to(self.device)
         self.model.train()
         self.loss.train()
-        with autocast(self.device, train_config.precision):
+        with phase("forward"), autocast(self.device, train_config.precision):
             output = self.forward(batch.images, batch.text, batch.text_mask)
             generator_loss, logs = self.loss.generator_loss(batch.images, output, step)
         logs["grad_norm"] = optimize(generator_loss, self.model, self.optimizers["model"], train_config.grad_clip,
                                      processes, ddp_wrapped=processes.distributed)
-        self.ema.update(self.model, step)
+        with phase("ema"):
+            self.ema.update(self.model, step)
         if self.loss.gan_active(step):
             with autocast(self.device, train_config.precision):
                 d_loss, d_logs = self.loss.discriminator_loss(batch.images, output.reconstruction, step)
@@ -118,9 +115,6 @@ class TokenizerTrainer(Trainer):
             d_logs["d_grad_norm"] = optimize(d_loss, self.loss.discriminator, self.optimizers["discriminator"],
                                              train_config.grad_clip, processes, ddp_wrapped=False)
             logs.update(d_logs)
-        if not np.isfinite(logs["total"]):
-            raise FloatingPointError(f"train-tokenizer: the loss is {logs['total']} at step {step}; lower "
-                                     "train_tokenizer.train.lr or raise warmup_steps")
         return logs
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from models.ema import param_groups_for_adamw
 from tasks.config import TrainConfig
 from tasks.progress import Progress
 from tasks.store import atomic_write_text
@@ -26,6 +27,15 @@ from tasks.training.distributed import Processes, average_gradients, barrier, me
 
 # The folder under a run's work_dir that holds its checkpoints (what a rerun resumes from).
 CHECKPOINT_DIR = "checkpoints"
+
+# The phases of a training step, as torch.profiler labels (`phase`): bench/train_step.py sums
+# them to show where a step's time goes. A label costs ~1 us when no profiler is active.
+PHASES = ("data", "forward", "backward", "optimizer", "ema")
+
+
+def phase(name: str) -> torch.profiler.record_function:
+    """A profiler label around one of `PHASES` of a training step."""
+    return torch.profiler.record_function(name)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -51,6 +61,37 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
+def adamw(module: torch.nn.Module, config: TrainConfig, device: torch.device, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups_for_adamw` with the `train` section's rate, betas and decay.
+
+    The fused kernel updates every parameter in one pass (CPU and CUDA): the per-tensor loop of
+    the default implementation costs more than the model's math for small models on CPU."""
+    return torch.optim.AdamW(param_groups_for_adamw(module, config.weight_decay), lr=lr or config.lr,
+                             betas=(config.betas[0], config.betas[1]), fused=device.type in ("cpu", "cuda"))
+
+
+def log_values(logs: dict[str, Any]) -> dict[str, float]:
+    """A step's logs (0-d tensors or floats) as floats, with one device-to-host copy for all of
+    them: a `.item()` per value and step would stall a GPU every step, so the loop calls this
+    only on the steps it logs or checkpoints."""
+    tensors = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+    values = dict(logs)
+    if tensors:
+        values.update(zip(tensors, torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()))
+    return {k: float(v) for k, v in values.items()}
+
+
+def check_finite(stage: str, step: int, logs: dict[str, float]) -> dict[str, float]:
+    """Stop a diverged run before it logs or checkpoints a NaN: the rerun resumes from the last
+    good checkpoint with whatever settings the user changes."""
+    bad = [f"{k} is {v}" for k, v in logs.items() if not math.isfinite(v)]
+    if bad:
+        section = stage.replace("-", "_")
+        raise FloatingPointError(f"{stage}: {', '.join(bad)} at step {step}; lower {section}.train.lr or "
+                                 f"raise {section}.train.warmup_steps")
+    return logs
+
+
 def optimize(
     loss: torch.Tensor,
     module: torch.nn.Module,
@@ -59,14 +100,17 @@ def optimize(
     processes: Processes,
     ddp_wrapped: bool,
 ) -> float:
-    """Backward, cross-process gradient mean (if not DDP), clip, step. Returns the grad norm."""
+    """Backward, cross-process gradient mean (if not DDP), clip, step. Returns the grad norm (a
+    tensor: the loop reads logs on the host only on the steps it logs)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if not ddp_wrapped:
-        average_gradients(module, processes)
-    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    return float(norm)
+    with phase("backward"):
+        loss.backward()
+        if not ddp_wrapped:
+            average_gradients(module, processes)
+    with phase("optimizer"):
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.step()
+    return norm.detach()
 
 
 @dataclass
@@ -86,7 +130,7 @@ class TrainingRun:
     optimizers: dict[str, torch.optim.Optimizer]
     processes: Processes
     order: EpochOrder
-    step_fn: Callable[[np.ndarray, int], dict[str, float]]
+    step_fn: Callable[[np.ndarray, int], dict[str, Any]]  # logs: 0-d tensors or floats
 
     @classmethod
     def from_config(
@@ -98,7 +142,7 @@ class TrainingRun:
         optimizers: dict[str, torch.optim.Optimizer],
         processes: Processes,
         order: EpochOrder,
-        step_fn: Callable[[np.ndarray, int], dict[str, float]],
+        step_fn: Callable[[np.ndarray, int], dict[str, Any]],
     ) -> "TrainingRun":
         """The run a stage's `train` section describes (steps, batch, schedule, checkpoint and log cadence)."""
         return cls(
@@ -178,21 +222,27 @@ def train(run: TrainingRun, on_step: Callable[[], None] | None = None) -> Traini
                     group["lr"] = group["base_lr"] * factor
             logs = run.step_fn(rank_slice(rows, processes.rank, processes.world), step)
             step += 1
-            if step % run.log_every == 0 or step == run.total_steps:
-                logs = mean_over_processes(logs, processes)
+            log_now = step % run.log_every == 0 or step == run.total_steps
+            checkpoint_now = step % run.checkpoint_every == 0 or step == run.total_steps
+            postfix = {}
+            if log_now:  # every process takes part in the mean, then all judge the same values
+                logs = check_finite(run.stage, step, mean_over_processes(log_values(logs), processes))
                 entry = {"step": step, "lr_factor": factor, **logs}
                 history.append(entry)
                 if processes.is_main:
                     with open(run.loss_log, "a") as handle:
                         handle.write(json.dumps(entry) + "\n")
-            if step % run.checkpoint_every == 0 or step == run.total_steps:
+                postfix = {k: f"{v:.4g}" for k, v in list(logs.items())[:3]}
+            elif checkpoint_now:
+                check_finite(run.stage, step, log_values(logs))
+            if checkpoint_now:
                 if processes.is_main:
                     run.checkpoints.save(
                         step, run.modules, run.optimizers, {"position": position.__dict__}
                     )
                 barrier(processes)
             if progress is not None:
-                progress.update(1, **{k: f"{v:.4g}" for k, v in list(logs.items())[:3]})
+                progress.update(1, **postfix)
             if on_step is not None:
                 on_step()
     finally:

@@ -80,15 +80,22 @@ def test_perceptual_loss_rejects_non_list_features():
         PerceptualLoss(nn.Conv2d(3, 4, 3), 16)(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16))
 
 
+def _floats(logs: dict) -> dict[str, float]:
+    """The loss's logs are 0-d tensors (the training loop reads them on log steps)."""
+    return {k: v.item() for k, v in logs.items()}
+
+
 def test_generator_loss_is_finite_and_sums_its_terms():
     torch.manual_seed(0)
     tokenizer, loss = make_tokenizer(), make_loss(gan_weight=0.5, perceptual_weight=2.0, l2_weight=3.0)
     images = torch.rand(2, 3, 16, 16)
     out = tokenizer(images)
     total, logs = loss.generator_loss(images, out, step=0)
+    # Detached 0-d tensors, not floats: reading them on the host would sync a GPU every step.
+    assert all(v.ndim == 0 and not v.requires_grad for v in logs.values())
+    logs = _floats(logs)
     assert torch.isfinite(total) and total.ndim == 0
     assert set(logs) >= {"l2", "perceptual", "commitment", "gan", "total", "codebook_usage", "perplexity"}
-    assert all(isinstance(v, float) for v in logs.values())
     expected = 3.0 * logs["l2"] + 2.0 * logs["perceptual"] + logs["commitment"] + 0.5 * logs["gan"]
     assert total.item() == pytest.approx(expected, rel=1e-5)
     assert logs["l2"] == pytest.approx(F.mse_loss(out.reconstruction, images).item(), rel=1e-6)
@@ -105,7 +112,9 @@ def test_gan_term_starts_at_gan_start_step():
     images = torch.rand(2, 3, 16, 16)
     out = tokenizer(images)
     _, early = loss.generator_loss(images, out, step=9)
+    early = _floats(early)
     _, late = loss.generator_loss(images, out, step=10)
+    late = _floats(late)
     assert "gan" not in early and "gan" in late
 
 
@@ -115,10 +124,12 @@ def test_discriminator_loss_hinge_and_lecam_buffers():
     images, recon = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
 
     d_loss, logs = loss.discriminator_loss(images, recon, step=0)  # before start: zero, no EMA
+    logs = _floats(logs)
     assert d_loss.item() == 0.0 and d_loss.requires_grad
     assert loss.ema_real_logits.item() == 0.0 and loss.ema_fake_logits.item() == 0.0
 
     d_loss, logs = loss.discriminator_loss(images, recon, step=5)
+    logs = _floats(logs)
     real, fake = loss.discriminator(images), loss.discriminator(recon)
     hinge = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
     lecam = F.relu(real).pow(2).mean() + F.relu(-fake).pow(2).mean()  # EMAs were 0 before this step
@@ -156,6 +167,7 @@ def test_no_discriminator_when_gan_weight_is_zero():
         loss.discriminator_loss(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), step=0)
     out = make_tokenizer()(torch.rand(1, 3, 16, 16))
     _, logs = loss.generator_loss(torch.rand(1, 3, 16, 16), out, step=100)
+    logs = _floats(logs)
     assert "gan" not in logs
 
 
@@ -165,6 +177,7 @@ def test_perceptual_needs_a_feature_net():
     loss = TokenizerLoss(TokenizerLossConfig(perceptual_weight=0.0, gan_weight=0.0), None)
     out = make_tokenizer()(torch.rand(1, 3, 16, 16))
     _, logs = loss.generator_loss(torch.rand(1, 3, 16, 16), out, step=0)
+    logs = _floats(logs)
     assert "perceptual" not in logs
 
 
