@@ -4,7 +4,7 @@ Cold: `tok1d run --preset <preset>` into an empty store. Warm: the same command 
 `--warm-runs` times (every stage a verified cache hit, answered without starting Prefect), and
 once with `--flow` (the same hits through the Prefect flow and its ephemeral server). Also timed:
 the import of the config layer every run needs (`tasks.pipeline_config` imports the stage modules,
-and with them torch), the floor of any `tok1d run`.
+which import no torch: what a stage computes is imported when it runs), the floor of any `tok1d run`.
 
     .venv/bin/python bench/cached_run.py --preset smoke --warm-runs 3
 """
@@ -54,7 +54,7 @@ def main() -> int:
     print(f"cached run, no Prefect (median/{len(warm)})  {median:8.1f} s   {100 * median / cold:5.1f}% of cold   "
           f"(runs: {', '.join(f'{w:.1f}' for w in warm)})")
     print(f"cached run through the flow (--flow) {flow:8.1f} s   {100 * flow / cold:5.1f}% of cold")
-    print(f"python -c 'import tasks.pipeline_config' {min(imports):6.1f} s   (the floor: stage modules import torch)")
+    print(f"python -c 'import tasks.pipeline_config' {min(imports):6.1f} s   (the floor: the config layer and stage declarations)")
     return 0
 
 

@@ -3,7 +3,8 @@
 One section per stage of the registry (tasks/registry.py), under the stage's name with "_" for
 "-", plus `runtime` (how to run, never in a cache key) and `stages` (what to run; validated
 against the registry). The sections come from the stages' declarations, so importing this module
-imports every stage module (and torch with them); tasks/presets.py imports it only to validate.
+imports every stage module (torch-free: they import what they compute when they run);
+tasks/presets.py imports it only to validate.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 (tasks/pipeline_config.py).
 
 Reading presets and overrides needs no stage: `tok1d presets` lists them without importing the
-stage modules (torch); `load_config` imports them to validate the result.
+stage modules; `load_config` imports them to validate the result (they import no torch: what a
+stage computes is imported when it runs, tests/flows/test_cli_fast.py checks it).
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def _describe(error: ValidationError) -> str:
 
 def load_config(preset: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Load a preset (name in configs/ or a YAML path), apply overrides, validate."""
-    # The stages' sections and plug-in checks come with their modules (torch): imported here, not
-    # with this module, so that reading presets stays light.
+    # The stages' sections and plug-in checks come with their modules (pyarrow, their plug-in
+    # tables): imported here, not with this module, so that reading presets stays light.
     from tasks.pipeline_config import PipelineConfig
 
     raw = _load_raw(preset)

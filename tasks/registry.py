@@ -5,8 +5,10 @@ per-stage flows (flows/full_pipeline.py), `tok1d status` and deployments/prefect
 a test) all come from here. Adding a stage = its package under tasks/ (with `stage.py` declaring
 `STAGE`) + one line in `STAGE_MODULES`.
 
-The stage modules are imported on first use of `stages()`, not with the registry: most of them
-import torch (seconds and about 1 GB), and `tok1d status` or `tok1d presets` need only the names.
+The stage modules are imported on first use of `stages()`, not with the registry: `tok1d status`
+or `tok1d presets` need only the names. A stage module declares the stage without importing torch
+(what it computes, and torch with it, is imported by its `run`), so loading a config and answering
+a fully cached run stay light.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""The quick `tok1d` commands (presets, status, help) never import torch, timm, torchvision or Prefect.
+"""The quick `tok1d` commands (presets, status, help) and loading any preset's configuration never
+import torch, timm, torchvision, transformers or Prefect.
 
 Importing torch costs seconds and about 1 GB; these commands read YAML files or the lineage
 tables only. Each command runs in a fresh interpreter that reports, as it exits, which of the
-heavy packages it had imported (timings are for bench/cli_latency.py, not for tests).
+heavy packages it had imported (timings are for bench/cli_latency.py, not for tests). A fully
+cached `tok1d run` is checked the same way on the stores that tests/flows/test_cli_pipeline.py
+fills (a cold run is too slow to repeat here).
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,28 +18,8 @@ from tasks import lineage
 from tasks.fingerprints import record_commit, stat_folder
 from tasks.store import Store
 
+from builders.cli import python_imports, tok1d_imports
 from builders.store import commit_folder, work_folder
-
-REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "timm", "torchvision", "prefect")
-MARKER = "tok1d-test-imported:"
-# `python -c` puts the working directory (the checkout) first on sys.path, as `python -m` does.
-WRAPPER = f"""
-import atexit, json, runpy, sys
-atexit.register(lambda: print({MARKER!r} + json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})),
-                              file=sys.stderr))
-sys.argv = ["tok1d", *sys.argv[1:]]
-runpy.run_module("flows.cli", run_name="__main__")
-"""
-
-
-def tok1d_imports(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """Run `tok1d <args>` in a fresh interpreter: (the process, the heavy packages it imported)."""
-    result = subprocess.run([sys.executable, "-c", WRAPPER, *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
-    lines = [line for line in result.stderr.splitlines() if line.startswith(MARKER)]
-    assert lines, f"tok1d {' '.join(args)} did not report its imports:\n{result.stdout}\n{result.stderr}"
-    return result, json.loads(lines[-1].removeprefix(MARKER))
 
 
 def _cached_output(store: Store, stage: str, complete: bool = True) -> Path:
@@ -93,4 +73,27 @@ def test_help_without_torch(command):
     result, heavy = tok1d_imports(*command, "--help")
     assert result.returncode == 0, result.stderr
     assert "usage: tok1d" in result.stdout
+    assert heavy == []
+
+
+def test_every_preset_loads_and_validates_without_torch():
+    # Validation imports every stage module and runs its checks; it must stay strict all the same.
+    code = """
+from tasks.config import ConfigError
+from tasks.presets import available_presets, load_config
+for name in available_presets():
+    load_config(name)
+for bad in ("train_tokenizer.model.bottleneck=fsq", "train_generator.kind=gpt", "embed_text.backend=clip"):
+    try:
+        load_config("smoke", [bad])
+    except ConfigError as error:
+        print("refused:", error)
+print("presets:", len(available_presets()))
+"""
+    result, heavy = python_imports(code)
+    assert result.returncode == 0, result.stderr
+    refused = [line for line in result.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 3 and "known: ['kl', 'vq']" in refused[0] and "known: auto, dit, maskgit" in refused[1]
+    assert "unknown backend 'clip'" in refused[2]
+    assert int(result.stdout.split("presets:")[1]) >= 10
     assert heavy == []

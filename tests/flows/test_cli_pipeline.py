@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from builders.cli import DATA_STAGES, stage_results, tok1d
+from builders.cli import DATA_STAGES, stage_results, tok1d, tok1d_imports
 
 
 def test_run_twice_then_everything_is_cached_and_status_agrees_with_duckdb(tmp_path):
@@ -73,10 +73,17 @@ def test_smoke_runs_every_stage_and_records_every_metric(tmp_path, preset, gener
     store = tmp_path / "store"
     first = tok1d("run", "--preset", preset, "--store", str(store))
     assert stage_results(first.stdout) == {stage: "computed" for stage in stages}
-    second = tok1d("run", "--preset", preset, "--store", str(store))
+    # Answered from the store and recorded in lineage without torch or Prefect (issue 11 item 4).
+    second, heavy = tok1d_imports("run", "--preset", preset, "--store", str(store))
+    assert second.returncode == 0, second.stderr
     assert stage_results(second.stdout) == {stage: "cached" for stage in stages}
+    assert heavy == []
 
     connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
+    runs = connection.execute("select run_id, status from runs order by started_at").fetchall()
+    hits = connection.execute("select stage, status, cache_hit from stages where run_id = ?", [runs[-1][0]]).fetchall()
+    assert [status for _, status in runs] == ["completed", "completed"]
+    assert sorted(hits) == sorted((stage, "completed", True) for stage in stages)
     metrics = dict(connection.execute("select name, value from metrics where stage in ('train-tokenizer', 'evaluate')").fetchall())
     # Every FID and KID row says what it was measured on, and every FID has its KID beside it.
     protocol = connection.execute(
