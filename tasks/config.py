@@ -386,6 +386,8 @@ class RuntimeConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
+    # Keep freed memory for the next batch instead of unmapping it (glibc): see tasks/allocator.py.
+    reuse_freed_memory: bool = True
     # Training processes (torchrun). None = one per visible GPU, else 1.
     processes: int | None = None
     # DataLoader-style decoding workers for image batches (0 = in the training process).

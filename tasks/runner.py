@@ -19,6 +19,7 @@ from tasks import lineage
 from tasks.cache import CacheSlot, git_revision, resolve_slot, stage_cache_key
 from tasks.code_version import code_version
 from tasks.config import RuntimeConfig, Section
+from tasks.allocator import reuse_freed_memory
 from tasks.cores import ThreadGovernor
 from tasks.fingerprints import record_commit, stat_folder
 from tasks.hashing import hash_value
@@ -156,6 +157,8 @@ def _compute(
         context = StageContext(stage_name, section, inputs, store, runtime, plan.slot.slot_key, work_dir)
         if "torch" in sys.modules:  # a run of ingest or caption alone never imports torch
             ThreadGovernor(stage_name, runtime.threads).start()
+            if runtime.reuse_freed_memory:
+                reuse_freed_memory()
         try:
             _check_injected_fault(stage_name)
             output = stage.run(context)

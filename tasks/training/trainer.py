@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tasks.config import Section, TrainConfig
+from tasks.allocator import reuse_freed_memory
 from tasks.cores import ThreadGovernor
 from tasks.stage import StageOutput
 from tasks.training.data import EpochOrder
@@ -75,6 +76,8 @@ def fit(job: TrainingJob, processes: Processes) -> StageOutput | None:
     """Train (or resume) this process's part of the job; the main process exports and returns the output."""
     threads = ThreadGovernor(job.stage, job.runtime.threads, share=processes.world)
     threads.start()
+    if job.runtime.reuse_freed_memory:  # torchrun workers are processes of their own
+        reuse_freed_memory()
     trainer = job.trainer_class()(job, processes)
     try:
         result = train(trainer.training_run(), on_step=threads.tick)
