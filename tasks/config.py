@@ -121,7 +121,8 @@ class SourceConfig(Section):
 
     # A name in the source table (tasks/ingest/sources/__init__.py), checked when the config loads.
     kind: str = "fashion-mnist"
-    # Directory of the source; None = the kind's default location.
+    # Directory of the source (kind=webdataset: a folder of .tar shards, or one .tar); None = the
+    # kind's default location.
     path: str | None = None
     # Hugging Face dataset (kind=huggingface, or kind=fashion-mnist when the idx files are absent).
     hf_name: str | None = None
@@ -129,6 +130,11 @@ class SourceConfig(Section):
     hf_image_column: str = "image"
     hf_label_column: str | None = "label"
     hf_caption_column: str | None = None
+    # kind=huggingface: read the split with datasets' streaming=True (rows arrive as they are read,
+    # nothing is downloaded or converted in full first). The item count comes from the dataset's
+    # info, else ingest.source.max_images must give it. Local save_to_disk folders are memory-mapped
+    # and read as they are.
+    hf_streaming: bool = False
     # Take at most this many images (deterministically: the first ones in source order).
     max_images: int | None = None
     # Tux Paint ships SVG stamps; rasterise them (cairosvg) or set them aside as rejects.
@@ -137,11 +143,44 @@ class SourceConfig(Section):
     shapes: ShapesConfig = ShapesConfig()
 
 
+StoragePolicy = Literal["auto", "png", "jpeg", "webp", "source"]
+
+
+class StorageConfig(Section):
+    """How ingest stores each image's bytes (tasks/ingest/storage.py); the per-image format is
+    recorded in the images table's `image_format` column and the reader decodes by it.
+
+    png / jpeg / webp: encode the square image with that codec (PNG lossless; JPEG 4:2:0 and
+    lossy WebP at `quality`). source: keep the source file's bytes when no transform is needed
+    (the decoded image is a single-frame RGB PNG, JPEG or WebP of exactly resolution x
+    resolution with no EXIF rotation: no resize, crop, pad, mode conversion or rotation),
+    otherwise PNG, so the stored pixels are always those a PNG would hold. auto: like source,
+    but a JPEG or lossy-WebP source that needs a transform is re-encoded as JPEG at `quality`
+    (a photo as PNG costs about 4x the bytes); every other source becomes PNG.
+    """
+
+    policy: StoragePolicy = "png"
+    quality: int = 95
+
+    @field_validator("quality")
+    @classmethod
+    def _quality(cls, value: int) -> int:
+        if not 1 <= value <= 100:
+            raise ValueError("must be within [1, 100] (JPEG/WebP quality)")
+        return value
+
+
 class IngestConfig(Section):
     source: SourceConfig = SourceConfig()
+    # Side of the square images ingest stores.
     resolution: int = 32
-    # How a non-square image becomes square: crop its centre, or pad it (with white).
+    # How a non-square image becomes square, the same for every source: center-crop takes the
+    # centred square of side min(width, height) and resizes it to resolution (Lanczos, with
+    # Pillow's reducing_gap=3 box pre-reduction): the picture of "shorter side to resolution,
+    # then centre crop" (ADM / TiTok evaluation preprocessing) up to resampling-filter details.
+    # pad: the whole image resized into the square (longer side to resolution), padded with white.
     fit: Literal["center-crop", "pad"] = "center-crop"
+    storage: StorageConfig = StorageConfig()
     val_fraction: float = 0.1
     split_salt: str = "tok1d-split-v1"
     shard_rows: int = 4096

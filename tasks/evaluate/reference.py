@@ -32,7 +32,7 @@ from models.inception import InceptionFeatures
 from models.metrics import feature_statistics
 from tasks.features import FeatureCache
 from tasks.hashing import hash_value
-from tasks.ingest.read import decode_png, iter_image_batches
+from tasks.ingest.read import decode_stored, iter_image_batches
 from tasks.store import Manifest, Store, temporary_path
 
 log = logging.getLogger("tok1d")
@@ -74,7 +74,7 @@ class ReferenceStats:
 
 def _first_image(ingest: Manifest, store: Store, split: str) -> np.ndarray:
     for batch in iter_image_batches(ingest, store, 1, split=split, columns=["image"]):
-        return decode_png(batch.column("image")[0].as_py())
+        return decode_stored(batch.column("image")[0].as_py())
     raise ValueError(f"ingest artifact {ingest.artifact_id} has no {split!r} images to compute reference statistics "
                      f"from; choose evaluate.reference_split={'val' if split == 'train' else 'train'}")
 
@@ -132,7 +132,7 @@ def compute_reference(
         ids = batch.column("image_id").to_pylist()[:rows]
         labels.append(batch.column("label_id").to_numpy(zero_copy_only=False)[:rows].astype(np.int64))
         if cache.missing(ids):
-            images = np.stack([decode_png(data) for data in batch.column("image").to_pylist()[:rows]])
+            images = np.stack([decode_stored(data) for data in batch.column("image").to_pylist()[:rows]])
             chunks.append(cache.features(ids, images, net, batch_size))
         else:
             chunks.append(cache.get(ids))

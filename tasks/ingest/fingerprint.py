@@ -25,6 +25,10 @@ def source_fingerprint(config: IngestConfig) -> str:
     if directory is None or not Path(directory).expanduser().exists():
         return digest.hexdigest()[:16]
     root = Path(directory).expanduser().resolve()
+    if root.is_file():  # one file (a WebDataset shard)
+        stat = root.stat()
+        digest.update(f"{root.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()[:16]
     # The same walk as the folder sources': inside symlinked folders too, never out of the root.
     files, escaped = walk_tree(root, skip_hidden=False)
     for path in sorted(files):

@@ -26,6 +26,7 @@ import math
 import types
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import numpy as np
@@ -85,8 +86,39 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
+@dataclass(frozen=True)
+class SourceInfo:
+    """What storage needs to know about a decoded source file to keep its bytes as they are."""
+
+    format: str | None  # Pillow's format name: "JPEG", "PNG", "WEBP", ...
+    # The file decodes straight to these RGB pixels: mode RGB, one frame, no transparency, no
+    # EXIF rotation (nothing `to_rgb` or `exif_transpose` would change).
+    as_is: bool
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # a damaged EXIF block: exif_transpose fails too, and keeps the pixels
+        return None
+
+
+def _as_is(image: Image.Image) -> bool:
+    return (
+        image.mode == "RGB"
+        and "transparency" not in image.info
+        and getattr(image, "n_frames", 1) == 1
+        and _orientation(image) in (None, 1)
+    )
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Open and fully decode encoded image bytes (first frame), applying the EXIF orientation."""
+    return open_image_info(data, max_pixels)[0]
+
+
+def open_image_info(data: bytes, max_pixels: int) -> tuple[Image.Image, SourceInfo]:
+    """`open_image`, and what the file was before any orientation was applied."""
     if not data:
         raise ImageRejected("empty-file", "the file has zero bytes")
     try:
@@ -108,10 +140,11 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise ImageRejected(_failure(error), f"{image.format} data cannot be decoded: {error}") from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageRejected("too-large", f"{error} (raise ingest.max_image_pixels to accept it)") from error
+    info = SourceInfo(image.format, _as_is(image))
     try:
-        return ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image), info
     except Exception:  # a damaged EXIF block: the pixels are fine, keep them as stored
-        return image
+        return image, info
 
 
 def _composite_on_white(image: Image.Image) -> np.ndarray:
@@ -154,6 +187,12 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Encoded image bytes -> [H, W, 3] uint8 RGB (upright, alpha on white); raises ImageRejected."""
     return to_rgb(open_image(data, max_pixels))
+
+
+def decode_image_info(data: bytes, max_pixels: int) -> tuple[np.ndarray, SourceInfo]:
+    """`decode_image`, and what the source file was (for keeping its bytes)."""
+    image, info = open_image_info(data, max_pixels)
+    return to_rgb(image), info
 
 
 # ------------------------------------------------------------------------------------ SVG

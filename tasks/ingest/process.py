@@ -1,6 +1,7 @@
-"""One source item -> its id and a square PNG, or the reason it cannot be used.
+"""One source item -> its id and its stored square image (tasks/ingest/storage.py), or the
+reason it cannot be used.
 
-A plain module-level function of picklable arguments, so a process pool can run it.
+Plain module-level functions of picklable arguments, so a process pool can run them.
 """
 
 from __future__ import annotations
@@ -17,19 +18,24 @@ from tasks.config import IngestConfig
 from tasks.ingest.images import (
     ImageRejected,
     decode_image,
-    encode_png,
-    open_image,
+    decode_image_info,
+    open_image_info,
     rasterize_svg,
     resize_square,
     to_rgb,
 )
 from tasks.ingest.sources.base import Item
+from tasks.ingest.storage import Source, store
 
 
 @dataclass(frozen=True)
 class Accepted:
+    """An item's id, stored bytes (format: tasks.ingest.storage.FORMATS) and original size."""
+
     image_id: str
-    png: bytes
+    data: bytes
+    format: str
+    kept_source: bool
     width: int
     height: int
 
@@ -40,44 +46,54 @@ class Rejected:
     detail: str
 
 
-def _read(path: str, max_bytes: int) -> bytes:
-    """The file's bytes; a named pipe, socket or device (reading could block forever) and a file
-    over `max_bytes` (reading it whole could exhaust memory) are rejected without being opened."""
+def _read(path: str, max_bytes: int, span: tuple[int, int] | None = None) -> bytes:
+    """The file's bytes (or the `span` (offset, length) of it, e.g. a tar member); a named pipe,
+    socket or device (reading could block forever) and more than `max_bytes` (reading it whole
+    could exhaust memory) are rejected without being opened."""
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
             raise ImageRejected("not-a-file", "a named pipe, socket or device, not a regular file")
-        if info.st_size > max_bytes:
-            raise ImageRejected("file-too-large", f"{info.st_size} bytes > ingest.max_file_bytes={max_bytes}")
-        return Path(path).read_bytes()
+        size = info.st_size if span is None else span[1]
+        if size > max_bytes:
+            raise ImageRejected("file-too-large", f"{size} bytes > ingest.max_file_bytes={max_bytes}")
+        if span is None:
+            return Path(path).read_bytes()
+        with open(path, "rb") as file:
+            file.seek(span[0])
+            data = file.read(span[1])
+        if len(data) != span[1]:
+            raise ImageRejected("truncated", f"{path} ends {span[1] - len(data)} bytes before the member does")
+        return data
     except OSError as error:
         raise ImageRejected("unreadable", f"{type(error).__name__}: {error}") from error
 
 
-def _decode(item: Item, config: IngestConfig) -> tuple[str, np.ndarray, tuple[int, int]]:
-    """(image_id, RGB pixels, original (width, height)) of an item."""
+def _decode(item: Item, config: IngestConfig) -> tuple[str, np.ndarray, tuple[int, int], Source | None]:
+    """(image_id, RGB pixels, original (width, height), the encoded source if any) of an item."""
     if item.kind == "pixels":
         assert item.data is not None and item.shape is not None
         pixels = np.frombuffer(item.data, dtype=np.uint8).reshape(item.shape)
         rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
-        return hashlib.sha256(item.data).hexdigest(), rgb, (item.shape[1], item.shape[0])
+        return hashlib.sha256(item.data).hexdigest(), rgb, (item.shape[1], item.shape[0]), None
     if item.kind == "hf":
         data = item.data if item.data is not None else _read(item.path or "", config.max_file_bytes)
-        image = open_image(data, config.max_image_pixels)
+        image, info = open_image_info(data, config.max_image_pixels)
         image_id = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
-        return image_id, to_rgb(image), image.size
+        return image_id, to_rgb(image), image.size, Source(data, info)
     if item.kind == "file":
         assert item.path is not None
-        data = _read(item.path, config.max_file_bytes)
+        data = _read(item.path, config.max_file_bytes, item.span)
         image_id = hashlib.sha256(data).hexdigest()
-        if item.path.lower().endswith(".svg"):
+        # A tar member's name is in `source` (its path is the shard's).
+        if (item.source if item.span else item.path).lower().endswith(".svg"):
             if not config.source.rasterize_svg:
                 raise ImageRejected("svg-not-rasterised", "SVG input (set ingest.source.rasterize_svg=true to use it)")
             # Render with twice the target resolution on the shorter side; LANCZOS does the rest.
             png, size = rasterize_svg(data, 2 * config.resolution, config.max_image_pixels)
-            return image_id, decode_image(png, config.max_image_pixels), size
-        rgb = decode_image(data, config.max_image_pixels)
-        return image_id, rgb, (rgb.shape[1], rgb.shape[0])
+            return image_id, decode_image(png, config.max_image_pixels), size, None
+        rgb, info = decode_image_info(data, config.max_image_pixels)
+        return image_id, rgb, (rgb.shape[1], rgb.shape[0]), Source(data, info)
     raise ValueError(f"unknown item kind {item.kind!r}")
 
 
@@ -88,10 +104,16 @@ def process_item(item: Item, config: IngestConfig) -> tuple[Item, Accepted | Rej
     if item.reject is not None:
         return slim, Rejected(*item.reject)
     try:
-        image_id, rgb, (width, height) = _decode(item, config)
-        png = encode_png(resize_square(rgb, config.resolution, config.fit))
+        image_id, rgb, (width, height), source = _decode(item, config)
+        stored = store(rgb, lambda: resize_square(rgb, config.resolution, config.fit), source, config.storage,
+                       config.resolution)
     except ImageRejected as rejected:
         return slim, Rejected(rejected.reason, rejected.detail)
     except Exception as error:  # noqa: BLE001 - one odd file must never end a long ingest run
         return slim, Rejected("decode-error", f"{type(error).__name__}: {error}")
-    return slim, Accepted(image_id, png, int(width), int(height))
+    return slim, Accepted(image_id, stored.data, stored.format, stored.kept_source, int(width), int(height))
+
+
+def process_items(items: list[Item], config: IngestConfig) -> list[tuple[Item, Accepted | Rejected]]:
+    """`process_item` over a chunk: the unit a pool worker gets, so one message carries many items."""
+    return [process_item(item, config) for item in items]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import multiprocessing
-from collections import Counter
+from collections import Counter, deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -19,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.config import IngestConfig
+from tasks.config import IngestConfig, RuntimeConfig
 from tasks.ingest.fingerprint import source_fingerprint
-from tasks.ingest.process import Accepted, Rejected, process_item
+from tasks.ingest.process import Accepted, Rejected, process_item, process_items
 from tasks.ingest.sources import Item, Source, SourceError, check_source, open_source
 from tasks.ingest.tables import (
     CLASSES_SCHEMA,
@@ -31,8 +32,9 @@ from tasks.ingest.tables import (
     part_path,
     shard_done,
     table_glob,
+    ROW_GROUP_ROWS,
+    ImagesShardWriter,
     write_parquet,
-    write_shard,
 )
 from tasks.progress import Progress
 from tasks.stage import Stage, StageContext, StageOutput, fixed_inputs
@@ -58,16 +60,46 @@ def _check(config: IngestConfig) -> None:
         raise ValueError(f"ingest.max_image_pixels must be >= 1, got {config.max_image_pixels}")
 
 
+# Items per message to a pool worker, and messages in flight per worker: enough to keep every
+# worker busy, few enough that memory holds a bounded window of items and results however long
+# the source is (Pool.imap would read the whole item iterator ahead).
+_CHUNK = 16
+_IN_FLIGHT = 4
+
+
+def _bounded_imap(pool, config: IngestConfig, items: Iterable[Item], window: int) -> Iterator[Outcome]:
+    """`process_item` over items through `pool`, in order, with at most `window` chunks queued."""
+    source = iter(items)
+    pending: deque = deque()
+
+    def submit() -> None:
+        chunk = list(itertools.islice(source, _CHUNK))
+        if chunk:
+            pending.append(pool.apply_async(process_items, (chunk, config)))
+
+    for _ in range(window):
+        submit()
+    while pending:
+        done = pending.popleft().get()
+        submit()
+        yield from done
+
+
 @contextmanager
 def _mapper(config: IngestConfig, workers: int) -> Iterator[Callable[[Iterable[Item]], Iterator[Outcome]]]:
     """`map` of `process_item` over items, in order: in this process, or in a process pool."""
-    work = functools.partial(process_item, config=config)
     if workers <= 1:
+        work = functools.partial(process_item, config=config)
         yield lambda items: map(work, items)
         return
     # spawn: a forked copy of a process with torch/Prefect threads can deadlock.
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield lambda items: pool.imap(work, items, chunksize=16)
+        yield lambda items: _bounded_imap(pool, config, items, _IN_FLIGHT * workers)
+
+
+def ingest_workers(runtime: RuntimeConfig) -> int:
+    """Ingest's process count: runtime.data_workers if set, else runtime.threads, else 1."""
+    return max(1, runtime.data_workers or runtime.threads or 1)
 
 
 def _finished_ids(output_dir: Path, index: int) -> list[str]:
@@ -76,8 +108,14 @@ def _finished_ids(output_dir: Path, index: int) -> list[str]:
 
 
 def _process_shard(
-    outcomes: Iterable[Outcome], source: Source, config: IngestConfig, seen: set[str], progress: Progress
-) -> tuple[pa.Table, pa.Table]:
+    outcomes: Iterable[Outcome],
+    source: Source,
+    config: IngestConfig,
+    seen: set[str],
+    progress: Progress,
+    writer: ImagesShardWriter,
+) -> pa.Table:
+    """Write the shard's accepted images through `writer` (a row group at a time); its rejects."""
     images: dict[str, list] = {name: [] for name in IMAGES_SCHEMA.names}
     rejects: dict[str, list] = {name: [] for name in REJECTS_SCHEMA.names}
 
@@ -85,6 +123,11 @@ def _process_shard(
         rejects["source"].append(item.source)
         rejects["reason"].append(reason)
         rejects["detail"].append(detail)
+
+    def flush() -> None:
+        writer.write(pa.table(images, schema=IMAGES_SCHEMA))
+        for column in images.values():
+            column.clear()
 
     for item, outcome in outcomes:
         progress.update(1)
@@ -104,19 +147,30 @@ def _process_shard(
             "source": item.source,
             "orig_width": outcome.width,
             "orig_height": outcome.height,
-            "image": outcome.png,
+            "image": outcome.data,
+            "image_format": outcome.format,
+            "kept_source": outcome.kept_source,
         }
         for name, value in row.items():
             images[name].append(value)
-    return pa.table(images, schema=IMAGES_SCHEMA), pa.table(rejects, schema=REJECTS_SCHEMA)
+        if len(images["image_id"]) == ROW_GROUP_ROWS:
+            flush()
+    if images["image_id"]:
+        flush()
+    return pa.table(rejects, schema=REJECTS_SCHEMA)
 
 
 def _tally(output_dir: Path, shards: int, classes: list[str]) -> tuple[pa.Table, dict[str, int]]:
     """The classes table and summary counts, read back from the finished shards (small columns)."""
     per_split = {"train": np.zeros(len(classes), np.int64), "val": np.zeros(len(classes), np.int64)}
     reasons: Counter[str] = Counter()
+    stored: Counter[str] = Counter()
     for index in range(shards):
-        images = pq.read_table(part_path(output_dir, "images", index), columns=["label_id", "split"])
+        images = pq.read_table(
+            part_path(output_dir, "images", index), columns=["label_id", "split", "image_format", "kept_source"]
+        )
+        stored.update(images.column("image_format").to_pylist())
+        stored["source"] += sum(images.column("kept_source").to_pylist())
         labels = images.column("label_id").to_numpy()
         splits = np.asarray(images.column("split").to_pylist(), dtype=object)
         for split, counts in per_split.items():
@@ -141,8 +195,15 @@ def _tally(output_dir: Path, shards: int, classes: list[str]) -> tuple[pa.Table,
         "val": int(val.sum()),
         "classes": len(classes),
         **{f"rejected_{reason}": count for reason, count in sorted(reasons.items())},
+        # How the images are stored: per format, and how many are the source files' own bytes.
+        **{f"stored_{name}": count for name, count in sorted(stored.items())},
     }
     return table, summary
+
+
+def finish_shard(writer: ImagesShardWriter, rejects: pa.Table) -> None:
+    """Close shard `writer.index`: rejects part, then the images part into place (the done mark)."""
+    writer.finish(rejects)
 
 
 def run_ingest(ctx: StageContext) -> StageOutput:
@@ -166,7 +227,7 @@ def run_ingest(ctx: StageContext) -> StageOutput:
     done = [index for index in range(shards) if shard_done(output_dir, index)]
     initial = sum(min(config.shard_rows, total - index * config.shard_rows) for index in done)
     seen: set[str] = set()
-    workers = max(1, ctx.runtime.threads or 1)
+    workers = ingest_workers(ctx.runtime)
     with ctx.progress(total, "images", unit="img", initial=initial) as bar, _mapper(config, workers) as mapper:
         for index in range(shards):
             if shard_done(output_dir, index):
@@ -175,8 +236,13 @@ def run_ingest(ctx: StageContext) -> StageOutput:
                 continue
             start = index * config.shard_rows
             items = source.items(start, start + config.shard_rows)
-            images, rejects = _process_shard(mapper(items), source, config, seen, bar)
-            write_shard(output_dir, index, images, rejects)
+            writer = ImagesShardWriter(output_dir, index)
+            try:
+                rejects = _process_shard(mapper(items), source, config, seen, bar, writer)
+                finish_shard(writer, rejects)
+            except BaseException:
+                writer.abort()
+                raise
 
     classes, summary = _tally(output_dir, shards, source.classes)
     write_parquet(classes, part_path(output_dir, "classes", 0))
@@ -189,7 +255,13 @@ def run_ingest(ctx: StageContext) -> StageOutput:
         name: TableRecord(glob=table_glob(name), rows=rows[name], columns=column_types(schema))
         for name, schema in (("images", IMAGES_SCHEMA), ("rejects", REJECTS_SCHEMA), ("classes", CLASSES_SCHEMA))
     }
-    summary = {**summary, "source": source.description, "shards": shards}
+    summary = {
+        **summary,
+        "source": source.description,
+        "shards": shards,
+        "storage_policy": config.storage.policy,
+        "storage_quality": config.storage.quality,
+    }
     return StageOutput(tables=tables, summary=summary)
 
 
@@ -197,8 +269,9 @@ STAGE = Stage(
     name="ingest",
     description=(
         "Read images from the configured source (Fashion-MNIST, Tux Paint stamps, a folder or a "
-        "Hugging Face dataset), reject unusable ones with a reason, deduplicate, split train/val, "
-        "and store square RGB PNGs with labels and source captions."
+        "Hugging Face dataset or WebDataset shards), reject unusable ones with a reason, deduplicate, "
+        "split train/val, and store square RGB images (PNG, JPEG, WebP or the source's own bytes, "
+        "per ingest.storage) with labels and source captions."
     ),
     config=IngestConfig,
     inputs=fixed_inputs(),

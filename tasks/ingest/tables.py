@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from tasks.store import temporary_path
 from tasks.tables import write_parquet_atomic
 
 IMAGES_SCHEMA = pa.schema(
@@ -18,7 +21,9 @@ IMAGES_SCHEMA = pa.schema(
         ("source", pa.string()),  # where the item came from (relative path, file#index)
         ("orig_width", pa.int32()),
         ("orig_height", pa.int32()),
-        ("image", pa.binary()),  # PNG, RGB, resolution x resolution
+        ("image", pa.binary()),  # RGB, resolution x resolution, encoded as image_format says
+        ("image_format", pa.string()),  # "png" | "jpeg" | "webp" (tasks/ingest/storage.py)
+        ("kept_source", pa.bool_()),  # the bytes are the source file's own (ingest.storage.policy)
     ]
 )
 REJECTS_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
@@ -52,21 +57,48 @@ def shard_done(output_dir: Path, index: int) -> bool:
     return part_path(output_dir, "images", index).is_file() and part_path(output_dir, "rejects", index).is_file()
 
 
+def _options(schema: pa.Schema) -> dict:
+    small = [name for name in schema.names if name != "image"]
+    # Encoded image bytes neither compress, dictionary-encode, nor make useful min/max statistics.
+    return dict(compression="zstd", use_dictionary=small, write_statistics=small)
+
+
 def write_parquet(table: pa.Table, path: Path) -> None:
-    """Write one ingest shard atomically, laid out for the stages that stream it."""
-    small = [name for name in table.column_names if name != "image"]
-    write_parquet_atomic(
-        table,
-        path,
-        compression="zstd",
-        row_group_size=ROW_GROUP_ROWS,
-        # PNG bytes neither compress, dictionary-encode, nor make useful min/max statistics.
-        use_dictionary=small,
-        write_statistics=small,
-    )
+    """Write one ingest table file atomically, laid out for the stages that stream it."""
+    write_parquet_atomic(table, path, row_group_size=ROW_GROUP_ROWS, **_options(table.schema))
+
+
+class ImagesShardWriter:
+    """Shard `index` of the images table written one row group at a time, so a shard's image
+    bytes are never all in memory; `finish` writes the rejects part and then moves the images
+    part into place (a shard counts as done once both files exist), `abort` leaves nothing."""
+
+    def __init__(self, output_dir: Path, index: int):
+        self.output_dir, self.index = output_dir, index
+        self.path = part_path(output_dir, "images", index)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temporary_path(self.path)
+        self.writer = pq.ParquetWriter(self.tmp, IMAGES_SCHEMA, **_options(IMAGES_SCHEMA))
+        self.rows = 0
+
+    def write(self, rows: pa.Table) -> None:
+        """Rows in ROW_GROUP_ROWS-row groups (the caller hands over full groups, the last may be short)."""
+        self.writer.write_table(rows, row_group_size=ROW_GROUP_ROWS)
+        self.rows += rows.num_rows
+
+    def finish(self, rejects: pa.Table) -> None:
+        self.writer.close()
+        write_parquet(rejects, part_path(self.output_dir, "rejects", self.index))
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_shard(output_dir: Path, index: int, images: pa.Table, rejects: pa.Table) -> None:
-    """Shard `index` of both tables; it counts as done once both files exist."""
+    """Shard `index` of both tables from whole tables (test builders); it counts as done once both files exist."""
     write_parquet(rejects, part_path(output_dir, "rejects", index))
     write_parquet(images, part_path(output_dir, "images", index))

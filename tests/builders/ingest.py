@@ -67,6 +67,8 @@ def ingest_from_images(
             "orig_width": [width for width, _ in sizes],
             "orig_height": [height for _, height in sizes],
             "image": pngs,
+            "image_format": ["png"] * count,
+            "kept_source": [False] * count,
         },
         schema=IMAGES_SCHEMA,
     )

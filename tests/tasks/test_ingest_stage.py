@@ -15,7 +15,7 @@ from PIL import Image
 
 import tasks.ingest.stage as ingest_stage
 from tasks.config import IngestConfig, RuntimeConfig, SourceConfig
-from tasks.ingest.read import class_names, decode_png, image_table, iter_image_batches
+from tasks.ingest.read import class_names, decode_stored, image_table, iter_image_batches
 from tasks.ingest.sources.fashion_mnist import CLASSES, DEFAULT_DIR as FASHION_DIR
 from tasks.ingest.sources.tuxpaint import DEFAULT_DIR as TUXPAINT_DIR
 from tasks.ingest.stage import run_ingest, split_of
@@ -35,6 +35,8 @@ IMAGE_COLUMNS = {
     "orig_width": "int32",
     "orig_height": "int32",
     "image": "binary",
+    "image_format": "string",
+    "kept_source": "bool",
 }
 
 
@@ -129,10 +131,10 @@ def test_folder_run_tables_rejects_and_summary(tmp_path, folder):
     assert images.column("orig_height").to_pylist() == [24, 40, 10, 24, 30, 24]
     assert images.column("image_id")[0].as_py() == hashlib.sha256((folder / "cat/a_good.png").read_bytes()).hexdigest()
     for row in images.to_pylist():
-        pixels = decode_png(row["image"])
+        pixels = decode_stored(row["image"])
         assert pixels.shape == (16, 16, 3)
         assert row["split"] == split_of(row["image_id"], "tok1d-split-v1", 0.3)
-    svg = decode_png(images.column("image")[2].as_py())
+    svg = decode_stored(images.column("image")[2].as_py())
     assert (np.abs(svg.astype(int) - [255, 0, 0]).max(axis=2) <= 2).all()  # centre crop of a red rectangle
 
     rejects = read_dir(ctx.output_dir / "rejects")
@@ -166,7 +168,7 @@ def test_rerun_gives_identical_files_and_skips_done_shards(tmp_path, folder, mon
     assert artifact_bytes(first.output_dir) == artifact_bytes(second.output_dir)
 
     written = []
-    monkeypatch.setattr(ingest_stage, "write_shard", lambda *args: written.append(args[1]))
+    monkeypatch.setattr(ingest_stage, "finish_shard", lambda writer, rejects: written.append(writer.index))
     run_ingest(first)  # everything is there already
     assert written == []
 
@@ -176,26 +178,28 @@ def test_kill_after_first_shard_then_resume(tmp_path, folder, monkeypatch):
     clean = make_ctx(tmp_path, config, work="clean")
     run_ingest(clean)
 
-    real_write = ingest_stage.write_shard
+    real_finish = ingest_stage.finish_shard
     calls = []
 
-    def dying_write(output_dir, index, images, rejects):
-        calls.append(index)
-        if index == 1:
-            # Killed half way: the rejects part is in place, the images part a stray temporary.
-            write_parquet(rejects, part_path(output_dir, "rejects", 1))
-            (output_dir / "images" / ".part-00001.parquet.0badf00d.tmp").write_bytes(b"PAR1 half")
+    def dying_finish(writer, rejects):
+        calls.append(writer.index)
+        if writer.index == 1:
+            # Killed half way: the rejects part is in place, the images part a stray temporary
+            # (a real kill leaves the writer's own temporary; the stage's clean-up removes it).
+            write_parquet(rejects, part_path(writer.output_dir, "rejects", 1))
+            (writer.output_dir / "images" / ".part-00001.parquet.0badf00d.tmp").write_bytes(b"PAR1 half")
             raise KeyboardInterrupt("killed while writing shard 1")
-        real_write(output_dir, index, images, rejects)
+        real_finish(writer, rejects)
 
     killed = make_ctx(tmp_path, config, work="killed")
-    monkeypatch.setattr(ingest_stage, "write_shard", dying_write)
+    monkeypatch.setattr(ingest_stage, "finish_shard", dying_finish)
     with pytest.raises(KeyboardInterrupt):
         run_ingest(killed)
     assert sorted(p.name for p in (killed.output_dir / "images").glob("*.parquet")) == ["part-00000.parquet"]
+    assert [p.name for p in (killed.output_dir / "images").glob(".*.tmp")] == [".part-00001.parquet.0badf00d.tmp"]
 
     calls.clear()
-    monkeypatch.setattr(ingest_stage, "write_shard", lambda *args: (calls.append(args[1]), real_write(*args)))
+    monkeypatch.setattr(ingest_stage, "finish_shard", lambda *args: (calls.append(args[0].index), real_finish(*args)))
     output = run_ingest(killed)
     assert calls == [1, 2, 3]  # shard 0 was kept, not recomputed
     images = read_dir(killed.output_dir / "images")
@@ -266,7 +270,7 @@ def test_readers_on_a_committed_artifact(tmp_path, folder):
     val_batches = list(iter_image_batches(manifest, ctx.store, 1, split="val", columns=["image"]))
     assert [b.num_rows for b in val_batches] == [1] * len(val_ids)
     assert val_batches[0].schema.names == ["image"]
-    assert decode_png(val_batches[0].column("image")[0].as_py()).shape == (16, 16, 3)
+    assert decode_stored(val_batches[0].column("image")[0].as_py()).shape == (16, 16, 3)
 
     assert class_names(manifest, ctx.store) == ["cat", "dog"]
     with pytest.raises(KeyError, match="no column"):
@@ -292,7 +296,7 @@ def test_real_fashion_mnist(tmp_path):
     assert images.column("source")[5].as_py() == "fashion-mnist/train-images-idx3-ubyte.gz#5"
     assert images.column("image_id")[0].as_py() == hashlib.sha256(pixels[:784]).hexdigest()
     assert read_dir(ctx.output_dir / "classes").column("label_name").to_pylist() == CLASSES
-    first = decode_png(images.column("image")[0].as_py())
+    first = decode_stored(images.column("image")[0].as_py())
     original = np.frombuffer(pixels[:784], np.uint8).reshape(28, 28)
     assert first.shape == (32, 32, 3) and (first[..., 0] == first[..., 1]).all()
     # Upscaled 28 -> 32 (crop of a square is the whole image): the same picture, roughly.
@@ -320,7 +324,7 @@ def test_real_tuxpaint_stamps(tmp_path):
     assert rows["animals/amphibians/frog.png"]["source_caption"] == "A frog."
     swallow = rows["animals/birds/swallow.svg"]
     assert swallow["label_name"] == "animals" and (swallow["orig_width"], swallow["orig_height"]) == (1416, 1038)
-    pixels = decode_png(swallow["image"])
+    pixels = decode_stored(swallow["image"])
     assert pixels.shape == (32, 32, 3) and pixels.min() < 100 and (pixels[0] == 255).all()  # drawn, white pad on top
 
 
@@ -355,7 +359,7 @@ def test_huggingface_dataset_end_to_end(tmp_path):
     assert images.column("orig_width").to_pylist() == [40, 36]
     expected_id = hashlib.sha256(picture(10, 20, 40).tobytes()).hexdigest()  # the decoded pixel buffer
     assert images.column("image_id")[0].as_py() == expected_id
-    padded = decode_png(images.column("image")[0].as_py())
+    padded = decode_stored(images.column("image")[0].as_py())
     assert (padded[:2] == 255).all() and (padded[-2:] == 255).all()  # 2:1 picture padded with white
     assert output.summary["rejected_not-an-image"] == 1 and output.summary["rejected_no-label"] == 1
     assert read_dir(ctx.output_dir / "classes").column("label_name").to_pylist() == ["circle", "square"]

@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.config import IngestConfig, RuntimeConfig, SourceConfig
-from tasks.ingest.read import decode_png
+from tasks.ingest.read import decode_stored
 from tasks.ingest.sources import open_source
 from tasks.ingest.sources.shapes import ShapesSource, draw
 from tasks.ingest.sources.shapes_caption import caption, class_name
@@ -256,7 +256,7 @@ def test_ingest_stage_stores_the_drawn_pixels_captions_and_labels(tmp_path):
     for index, row in enumerate(images.to_pylist()):
         scene, pixels = draw(shapes, index)
         assert row["source"] == f"shapes/0#{index}"
-        assert np.array_equal(decode_png(row["image"]), pixels)  # stored losslessly, not resampled
+        assert np.array_equal(decode_stored(row["image"]), pixels)  # stored losslessly, not resampled
         assert row["image_id"] == hashlib.sha256(pixels.tobytes()).hexdigest()
         assert row["source_caption"] == caption(scene, "short")
         assert row["label_name"] == class_name(len(scene.objects)) and row["label_id"] == len(scene.objects) - 1

@@ -9,6 +9,7 @@ from tasks.ingest.sources.folder import open_folder
 from tasks.ingest.sources.huggingface import open_huggingface
 from tasks.ingest.sources.shapes import open_shapes
 from tasks.ingest.sources.tuxpaint import open_tuxpaint
+from tasks.ingest.sources.webdataset import open_webdataset
 
 _OPENERS = {
     "fashion-mnist": open_fashion_mnist,
@@ -16,6 +17,7 @@ _OPENERS = {
     "folder": open_folder,
     "huggingface": open_huggingface,
     "shapes": open_shapes,
+    "webdataset": open_webdataset,
 }
 
 

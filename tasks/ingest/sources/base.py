@@ -16,7 +16,8 @@ class Item:
     """One input image, cheap to pickle: the pixels are read by whoever processes it.
 
     kind:
-      "file"   `path` is an image file (or .svg); its id is the sha256 of the file bytes.
+      "file"   `path` is an image file (or .svg), or with `span` (offset, length) a byte range
+               of it (a tar member, named by `source`); its id is the sha256 of those bytes.
       "pixels" `data` is a raw uint8 buffer of `shape`: (H, W) grey (idx files) or (H, W, 3)
                RGB (procedural shapes); id = sha256 of it.
       "hf"     `data` holds encoded image bytes (or `path` a file) from a Hugging Face
@@ -31,6 +32,7 @@ class Item:
     path: str | None = None
     data: bytes | None = None
     shape: tuple[int, ...] | None = None
+    span: tuple[int, int] | None = None
     # Set when the item is known to be unusable before reading it: (reason, detail).
     reject: tuple[str, str] | None = None
 
