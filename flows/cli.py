@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from flows.export import add_export, export_cli
 from flows.import_titok import add_import_titok, import_titok_cli
 
 DEFAULT_STORE = os.environ.get("TOK1D_STORE", "store")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--artifacts", action="store_true", help="also remove artifacts no cache record names")
     commands.add_parser("presets", help="list the presets in configs/")
     add_import_titok(commands, DEFAULT_STORE, _debug)
+    add_export(commands, DEFAULT_STORE, _debug)
     sweep = commands.add_parser(
         "sweep", help="presets x axes (tokens, text on/off, any key) x seeds through the pipeline; "
                       "mean +- std per point, text on - off paired by seed")
@@ -161,6 +163,8 @@ def _one_line(error: Exception) -> str:
 def _run_command(args: argparse.Namespace) -> int:
     if args.command == "import-titok":
         return import_titok_cli(args)
+    if args.command == "export":
+        return export_cli(args)
     if args.command == "sweep":
         from flows.sweep import run_sweep_cli
 

@@ -42,6 +42,7 @@ from PIL import Image
 from models.inception import InceptionFeatures
 from models.metrics import clip_score, extract_features, inception_score, precision_recall
 from tasks.config import EvaluateConfig
+from tasks.evaluate.generate import generate_images, to_uint8
 from tasks.evaluate.reference import reference_statistics
 from tasks.evaluate.reference_batch import reference_from_npz
 from tasks.features import extractor_id, frechet, kid
@@ -53,7 +54,6 @@ from tasks.store import TableRecord, atomic_write_bytes
 from tasks.tables import write_parquet_atomic
 from tasks.train_generator.read import load_generator
 from tasks.train_tokenizer.read import load_tokenizer
-from tasks.training.loop import autocast
 
 log = logging.getLogger("tok1d")
 
@@ -131,14 +131,6 @@ class GridCollector:
         buffer = io.BytesIO()
         Image.fromarray((grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(buffer, format="PNG")
         return buffer.getvalue()
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoded images [B, C, H, W] in [0, 1] -> uint8 [B, H, W, 3], quantised as a PNG would be."""
-    images = images.detach().float().clamp(0, 1)
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -247,12 +239,9 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
                 text, text_mask = text.to(device).float(), text_mask.to(device)
             _synchronize(device)
             began = time.perf_counter()
-            with torch.no_grad():
-                tokens = generator.sample(torch.from_numpy(labels[start:stop]), config.sampling, rng,
-                                          *((text, text_mask) if generator.uses_text else ()))
-                with autocast(device, "auto"):
-                    decoded = tokenizer.decode(tokens, *((text, text_mask) if tokenizer.uses_text else ()))
-                images = _to_uint8(decoded)
+            decoded = generate_images(generator, tokenizer, torch.from_numpy(labels[start:stop]), config.sampling,
+                                      rng, text, text_mask)
+            images = to_uint8(decoded)
             _synchronize(device)
             generation_seconds += time.perf_counter() - began
             sink.add(start, images, labels[start:stop], captions[start:stop] if captions is not None else None)
