@@ -116,7 +116,11 @@ def decode_stored(data: bytes, image_format: str | None = None) -> np.ndarray:
 def decode_images(images: list[bytes], map_fn=map) -> torch.Tensor:
     """Stored images (any stored format) -> float tensor [B, 3, H, W] in [0, 1] (`map_fn`: e.g. a
     thread pool's map)."""
-    arrays = np.stack(list(map_fn(decode_stored, images)))
+    return float_images(np.stack(list(map_fn(decode_stored, images))))
+
+
+def float_images(arrays: np.ndarray) -> torch.Tensor:
+    """Decoded uint8 images [B, H, W, 3] -> float tensor [B, 3, H, W] in [0, 1]."""
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255.0)
 
 

@@ -161,6 +161,14 @@ def test_train_order_flips_and_prefetch_are_deterministic(inputs):
     assert mirrored.any() and not mirrored.all()
     assert torch.equal(flipped.images[mirrored], plain.images[mirrored].flip(-1))
     assert torch.equal(flipped.images[~mirrored], plain.images[~mirrored])
+    # A small split is decoded once and kept; decoding every batch gives the same batches.
+    assert images.decoded() is not None
+    per_batch = TrainImages(manifests["ingest"], store, seed=3, shuffle_group=2, hflip=True, decoded_limit_bytes=0)
+    assert per_batch.decoded() is None
+    rows = images.order.epoch(1)  # every row, across shards
+    kept, decoded_now = images.batch(rows, 1), per_batch.batch(rows, 1)
+    assert kept.image_ids == decoded_now.image_ids and np.array_equal(kept.label_ids, decoded_now.label_ids)
+    assert torch.equal(kept.images, decoded_now.images) and kept.images.stride() == decoded_now.images.stride()
 
     direct = BatchLoader(images, 8, rank=1, world=2, workers=0)
     steps_per_epoch = len(images) // 8
