@@ -111,7 +111,7 @@ def _process_shard(
     outcomes: Iterable[Outcome],
     source: Source,
     config: IngestConfig,
-    seen: set[str],
+    seen: set[bytes],
     progress: Progress,
     writer: ImagesShardWriter,
 ) -> pa.Table:
@@ -134,10 +134,11 @@ def _process_shard(
         if isinstance(outcome, Rejected):
             reject(item, outcome.reason, outcome.detail)
             continue
-        if outcome.image_id in seen:
+        digest = bytes.fromhex(outcome.image_id)
+        if digest in seen:
             reject(item, "duplicate", f"duplicate of {outcome.image_id}")
             continue
-        seen.add(outcome.image_id)
+        seen.add(digest)
         row = {
             "image_id": outcome.image_id,
             "split": split_of(outcome.image_id, config.split_salt, config.val_fraction),
@@ -226,13 +227,15 @@ def run_ingest(ctx: StageContext) -> StageOutput:
 
     done = [index for index in range(shards) if shard_done(output_dir, index)]
     initial = sum(min(config.shard_rows, total - index * config.shard_rows) for index in done)
-    seen: set[str] = set()
+    # Ids seen so far, as 32-byte digests (about 100 bytes each in the set, against 155 as hex
+    # strings: 130 MB for ImageNet's 1.28M images).
+    seen: set[bytes] = set()
     workers = ingest_workers(ctx.runtime)
     with ctx.progress(total, "images", unit="img", initial=initial) as bar, _mapper(config, workers) as mapper:
         for index in range(shards):
             if shard_done(output_dir, index):
                 # Ids of finished shards, in shard order: duplicates are judged exactly as in one run.
-                seen.update(_finished_ids(output_dir, index))
+                seen.update(bytes.fromhex(image_id) for image_id in _finished_ids(output_dir, index))
                 continue
             start = index * config.shard_rows
             items = source.items(start, start + config.shard_rows)

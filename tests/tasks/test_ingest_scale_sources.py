@@ -9,7 +9,6 @@ import io
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -19,8 +18,7 @@ from tasks.ingest.read import decode_stored
 from tasks.ingest.sources import SourceError, open_source
 from tasks.ingest.stage import run_ingest
 
-from test_ingest_stage import artifact_bytes, make_ctx, read_dir
-from test_ingest_storage import smooth
+from builders.ingest_run import artifact_bytes, make_ctx, read_dir, smooth
 
 RES = 16
 

@@ -9,20 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 import tasks.ingest.stage as ingest_stage
-from tasks.config import IngestConfig, RuntimeConfig, SourceConfig
+from tasks.config import IngestConfig, SourceConfig
 from tasks.ingest.read import class_names, decode_stored, image_table, iter_image_batches
 from tasks.ingest.sources.fashion_mnist import CLASSES, DEFAULT_DIR as FASHION_DIR
 from tasks.ingest.sources.tuxpaint import DEFAULT_DIR as TUXPAINT_DIR
 from tasks.ingest.stage import run_ingest, split_of
 from tasks.ingest.tables import part_path, write_parquet
-from tasks.stage import StageContext
-from tasks.store import Store
 
+from builders.ingest_run import artifact_bytes, make_ctx, read_dir
 from builders.store import commit_output
 
 IMAGE_COLUMNS = {
@@ -39,17 +37,6 @@ IMAGE_COLUMNS = {
     "kept_source": "bool",
 }
 
-
-def make_ctx(tmp_path: Path, config: IngestConfig, work: str = "work", threads: int | None = None) -> StageContext:
-    return StageContext(
-        stage="ingest",
-        config=config,
-        inputs={},
-        store=Store(tmp_path / "store"),
-        runtime=RuntimeConfig(threads=threads),
-        cache_key="k" * 64,
-        work_dir=tmp_path / work,
-    )
 
 
 def encoded(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -97,12 +84,6 @@ def folder_config(root: Path, **overrides) -> IngestConfig:
     return IngestConfig(**values)
 
 
-def read_dir(directory: Path) -> pa.Table:
-    return pa.concat_tables(pq.read_table(path) for path in sorted(directory.glob("*.parquet")))
-
-
-def artifact_bytes(output_dir: Path) -> dict[str, bytes]:
-    return {p.relative_to(output_dir).as_posix(): p.read_bytes() for p in sorted(output_dir.rglob("*")) if p.is_file()}
 
 
 EXPECTED_REJECTS = {

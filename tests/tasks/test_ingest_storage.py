@@ -17,16 +17,10 @@ from tasks.ingest.read import decode_images, decode_stored
 from tasks.ingest.stage import run_ingest
 from tasks.presets import load_config
 
-from test_ingest_stage import artifact_bytes, make_ctx, read_dir
+from builders.ingest_run import artifact_bytes, make_ctx, read_dir, smooth
 
 RES = 16
 
-
-def smooth(seed: int, height: int, width: int) -> np.ndarray:
-    """A smooth colour picture (photo-like: JPEG keeps it well)."""
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8))
-    return np.asarray(small.resize((width, height), Image.Resampling.BICUBIC))
 
 
 def save(path: Path, image: Image.Image, fmt: str, **options) -> bytes:
