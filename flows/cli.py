@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -111,6 +112,10 @@ def _print_results(results: dict[str, dict], store: Path) -> None:
         print("\nplots and samples:")
         for path in pictures:
             print(f"  {path}")
+    from flows.status import print_run_headline
+    from tasks.store import Store
+
+    print_run_headline(Store(store), [Path(result["artifact"]).name for result in results.values()])
     print(f"\nlineage and metrics: .venv/bin/duckdb {store / 'experiments.duckdb'} -c \"select stage, name, value from metrics\"")
 
 
@@ -124,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     # Each command imports what it needs, here rather than at the top: `presets` and `status` read
     # files only and must answer within 2 s (tests/flows/test_cli_fast.py keeps torch out), and
     # `status` has no use for the config sections, whose pydantic models take a while to build.
+    if args.command in ("presets", "status", "verify", "gc") and hasattr(signal, "SIGPIPE"):
+        # `tok1d presets | head` ends quietly, like any Unix tool, not in a BrokenPipeError. Only
+        # for these file-reading commands: elsewhere a closed socket must stay an exception.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command == "presets":
         from tasks.presets import available_presets
 

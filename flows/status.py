@@ -26,6 +26,13 @@ LATEST_METRICS_SQL = f"""
     qualify row_number() over (partition by m.stage, m.name order by m.event_time desc) = 1
 """
 
+# The same metrics of given outputs (a run's): `$artifacts` is a list of artifact ids.
+ARTIFACT_METRICS_SQL = f"""
+    select stage, name, value, n, std, ci_low, ci_high from metrics
+    where list_contains($artifacts, artifact_id) and name in {HEADLINE_METRICS!r}
+    qualify row_number() over (partition by stage, name order by event_time desc) = 1
+"""
+
 LATEST_RUN_SQL = """
     select run_id, flow, preset, status, started_at from runs order by started_at desc nulls last limit 1
 """
@@ -92,6 +99,28 @@ def _print_stages(title: str, rows: list[tuple]) -> None:
               f"{artifact or error or '-'}")
 
 
+def print_headline(rows: list[tuple], title: str) -> None:
+    """Headline metric rows (stage, name, value, n, std, ci_low, ci_high), in pipeline order, with N."""
+    if not rows:
+        return
+    print(f"\n{title} (N = images or samples; KID +- std over subsets; 95% interval):")
+    order = {name: i for i, name in enumerate(HEADLINE_METRICS)}
+    for stage, name, value, n, std, low, high in sorted(
+            rows, key=lambda r: (STAGE_ORDER.index(r[0]) if r[0] in STAGE_ORDER else 99, order[r[1]])):
+        spread = f" +- {std:.4g}" if std is not None else (f" [{low:.4g}, {high:.4g}]" if low is not None else "")
+        print(f"  {stage:<16}{name:<6}{value:>10.4g}{spread:<22} N={n if n is not None else '?'}")
+
+
+def print_run_headline(store: Store, artifact_ids: list[str]) -> None:
+    """The headline metrics of a run's outputs (what `tok1d run` ends with)."""
+    connection = lineage.connect(store)
+    try:
+        rows = connection.execute(ARTIFACT_METRICS_SQL, {"artifacts": artifact_ids}).fetchall()
+    finally:
+        connection.close()
+    print_headline(rows, "metrics of this run")
+
+
 def print_status(root: Path) -> int:
     if not (root / "lineage").exists():
         print(f"no store at {root} (nothing has run there yet)")
@@ -119,13 +148,7 @@ def print_status(root: Path) -> int:
         print(f"latest run: {run_id} ({flow}, preset {preset or '-'}) {status}, started {when}")
     _print_stages("\nstages of the latest run", this_run)
     _print_stages("\nstages the latest run did not include (their latest attempt, from earlier runs)", earlier)
-    if headline:
-        print("\nmetrics of the latest outputs (N = images or samples; KID +- std over subsets; 95% interval):")
-        order = {name: i for i, name in enumerate(HEADLINE_METRICS)}
-        for stage, name, value, n, std, low, high in sorted(
-                headline, key=lambda r: (STAGE_ORDER.index(r[0]) if r[0] in STAGE_ORDER else 99, order[r[1]])):
-            spread = f" +- {std:.4g}" if std is not None else (f" [{low:.4g}, {high:.4g}]" if low is not None else "")
-            print(f"  {stage:<16}{name:<6}{value:>10.4g}{spread:<22} N={n if n is not None else '?'}")
+    print_headline(headline, "metrics of the latest outputs")
     states = [(stage, cache_state(store, manifest, complete), manifest)
               for stage, _slot_key, manifest, complete in store.cache_records()]
     intact = sum(state == "intact" for _, state, _ in states)

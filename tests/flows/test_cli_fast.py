@@ -10,6 +10,8 @@ fills (a cold run is too slow to repeat here).
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from tasks import lineage
 from tasks.fingerprints import record_commit, stat_folder
 from tasks.store import Store
 
-from builders.cli import python_imports, tok1d_imports
+from builders.cli import REPO, TOK1D, python_imports, tok1d_imports
 from builders.store import commit_folder, work_folder
 
 
@@ -97,3 +99,17 @@ print("presets:", len(available_presets()))
     assert "unknown backend 'clip'" in refused[2]
     assert int(result.stdout.split("presets:")[1]) >= 10
     assert heavy == []
+
+
+
+def test_a_closed_pipe_ends_presets_quietly():
+    # `tok1d presets | head -1` once head has left: every write meets a closed pipe. The command
+    # ends quietly, as Unix tools do, not in a BrokenPipeError traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*TOK1D, "presets"], cwd=REPO, stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
