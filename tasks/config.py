@@ -431,3 +431,30 @@ class RuntimeConfig(Section):
     processes: int | None = None
     # DataLoader-style decoding workers for image batches (0 = in the training process).
     data_workers: int = 0
+    # Multi-node training (torchrun): `processes` per node on `nnodes` nodes that meet at the c10d
+    # rendezvous on HOST:PORT (served by the agent on that host). Node 0's stage commits the
+    # artifact; the others train, then return it (README: Training on several nodes).
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    # None: the stage and its cache slot, so the nodes of one stage run agree without being told
+    # and nodes running different code or configs never join one rendezvous.
+    rdzv_id: str | None = None
+    rdzv_backend: Literal["c10d"] = "c10d"
+
+    @model_validator(mode="after")
+    def _check_nodes(self) -> "RuntimeConfig":
+        if self.nnodes < 1:
+            raise ValueError(f"runtime.nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"runtime.node_rank must be in [0, runtime.nnodes={self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("runtime.rdzv_endpoint=HOST:PORT (node 0's address and a free port) is required "
+                             f"when runtime.nnodes={self.nnodes} > 1")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"runtime.rdzv_endpoint must look like HOST:PORT, got {self.rdzv_endpoint!r}")
+        if self.rdzv_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.rdzv_id):
+            raise ValueError(f"runtime.rdzv_id may hold letters, digits, '.', '_' and '-' only, got {self.rdzv_id!r}")
+        return self

@@ -121,6 +121,8 @@ def execute_stage(
         log.info("%s: cache hit (%s)", stage_name, plan.slot.manifest.artifact_id)
         stage_run_id = record_cache_hit(plan, plan.slot.manifest, inputs, store, run_id, flow_run_id)
         return StageResult(plan.slot.manifest, True, stage_run_id)
+    if runtime.node_rank > 0 and plan.stage.multinode is not None and plan.stage.multinode(section):
+        return _follow_node_zero(plan, section, inputs, store, runtime, run_id, flow_run_id)
 
     locked_slot = plan.slot.slot_key
     work_dir = store.work_dir(stage_name, locked_slot)
@@ -135,6 +137,39 @@ def execute_stage(
             return _compute(plan, section, inputs, store, runtime, run_id, flow_run_id, work_dir)
     # The slot moved on while we waited (the other run was recorded incomplete): start over.
     return execute_stage(stage_name, section, inputs, store, runtime, run_id, flow_run_id)
+
+
+def _follow_node_zero(
+    plan: StagePlan,
+    section: Section,
+    inputs: dict[str, Manifest],
+    store: Store,
+    runtime: RuntimeConfig,
+    run_id: str | None,
+    flow_run_id: str | None,
+) -> StageResult:
+    """Node K > 0 of a multi-node stage: train beside node 0, then return the artifact node 0 commits.
+
+    Node 0's stage holds the slot's lock from before its torchrun agent starts until it has
+    committed, so this node must not wait for the lock first: node 0's rendezvous waits for it.
+    Its workers write only into the shared work dir (the main worker, global rank 0, may be one
+    of them: c10d numbers the nodes itself); node 0 alone commits and records the computed run.
+    Afterwards the lock is free once node 0 has committed or failed, and this node records the
+    artifact as a cache hit, like any run that waited for another process to compute its slot.
+    """
+    stage = plan.stage
+    work_dir = store.work_dir(stage.name, plan.slot.slot_key)
+    _check_injected_fault(stage.name)
+    stage.run(StageContext(stage.name, section, inputs, store, runtime, plan.slot.slot_key, work_dir))
+    with exclusive_lock(work_dir / ".lock"):
+        plan = plan_stage_run(stage.name, section, inputs, store)
+    if plan.slot.manifest is None:
+        raise RuntimeError(
+            f"{stage.name}: node {runtime.node_rank} finished training but node 0 committed no artifact to "
+            f"{store.root} (see node 0's log); run the stage on every node again to resume from the checkpoints"
+        )
+    stage_run_id = record_cache_hit(plan, plan.slot.manifest, inputs, store, run_id, flow_run_id)
+    return StageResult(plan.slot.manifest, True, stage_run_id)
 
 
 def _compute(

@@ -87,6 +87,10 @@ class Stage:
     extra_files: tuple[str, ...] = ()
     # The module or package whose import closure is the stage's code; None = the package of `run`.
     code: str | None = None
+    # True (for a section) when a run on several nodes (runtime.nnodes > 1) runs this stage on
+    # every node: torchrun training whose nodes join one rendezvous, node 0 committing. Other
+    # stages run once, on whichever node takes the slot's lock first; the rest find it cached.
+    multinode: Callable[[Any], bool] | None = None
 
     @property
     def package(self) -> str:

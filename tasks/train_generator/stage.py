@@ -30,6 +30,8 @@ def run_train_generator(ctx: StageContext) -> StageOutput:
     from tasks.training.launch import run_training
 
     output = run_training(ctx, GeneratorTrainer)
+    if ctx.runtime.node_rank > 0:  # a node beside node 0, which reports and commits the run
+        return output
     summary = output.summary
     log.info("train-generator: %s (%s) trained for %d steps, final loss %s",
              summary["kind"], summary["conditioning"], summary["steps"], summary["final_loss"])
@@ -49,4 +51,5 @@ STAGE = Stage(
     inputs=generator_inputs,
     check=check_kind,
     run=run_train_generator,
+    multinode=lambda _config: True,
 )

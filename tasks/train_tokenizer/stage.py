@@ -69,4 +69,5 @@ STAGE = Stage(
     check=check_tokenizer,
     run=run_train_tokenizer,
     fingerprint=lambda config: fingerprint(config.import_titok),
+    multinode=lambda config: not config.import_titok.path,  # an import trains nothing
 )

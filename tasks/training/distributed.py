@@ -17,6 +17,7 @@ class Processes:
     world: int
     local_rank: int
     device: torch.device
+    local_world: int = 1  # processes of the job on this node (all of them on one node)
 
     @property
     def is_main(self) -> bool:
@@ -32,6 +33,7 @@ def setup(device_preference: str) -> Processes:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     use_cuda = device_preference == "cuda" or (device_preference == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -40,7 +42,7 @@ def setup(device_preference: str) -> Processes:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Processes(rank, world, local_rank, device)
+    return Processes(rank, world, local_rank, device, local_world)
 
 
 def teardown() -> None:

@@ -74,7 +74,7 @@ class Trainer(ABC):
 
 def fit(job: TrainingJob, processes: Processes) -> StageOutput | None:
     """Train (or resume) this process's part of the job; the main process exports and returns the output."""
-    threads = ThreadGovernor(job.stage, job.runtime.threads, share=processes.world)
+    threads = ThreadGovernor(job.stage, job.runtime.threads, share=processes.local_world)
     threads.start()
     if job.runtime.reuse_freed_memory:  # torchrun workers are processes of their own
         reuse_freed_memory()

@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.training.worker JOB.json
 
+(on several nodes `--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT` for `--standalone`).
 JOB.json is written by `tasks.training.launch.launch_workers` and names the trainer class; the
-main process (rank 0) writes result.json next to it.
+main process (global rank 0, on any node) writes result.json next to it.
 """
 
 from __future__ import annotations
