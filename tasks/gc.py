@@ -4,8 +4,10 @@
   completed since (a complete cache record of that key) always; those of an unfinished one (the
   checkpoints a rerun resumes from) only when asked (`resumable`). A held lock means a live
   stage run: its dir and everything in it are left alone.
-- Temporary files of interrupted writes (`.<name>.<random>.tmp`, claimed leases) older than
-  `stale_s`: every write renames its temporary file within moments, so an old one has no writer.
+- Temporary files of interrupted writes (`.<name>.<pid>-<host>-<random>.tmp`, claimed leases)
+  whose writer, named in the file name (tasks/store.py `writer_tag`), is gone from this host,
+  and any older than `stale_s`: every write renames its temporary file within moments, so an old
+  one has no writer (the rule for other hosts' files and names without a writer).
 - With `artifacts`, artifact folders that no cache record names (superseded or orphaned outputs);
   lineage keeps describing them.
 """
@@ -13,15 +15,19 @@
 from __future__ import annotations
 
 import fcntl
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.store import Store
+from tasks.leases import process_alive
+from tasks.store import Store, host_tag
 
 STALE_S = 600.0
 _TEMPORARY_SUFFIXES = (".tmp", ".claimed")
+# `<pid>-<host tag>-<random>.tmp` at the end of a temporary file's name: who writes it.
+_WRITER = re.compile(r"\.(\d+)-([0-9a-f]{8})-[^.]+\.tmp$")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,16 @@ def lock_is_free(lock: Path) -> bool:
         return True  # no lock file can be opened: nobody holds it
 
 
+def dead_writer(path: Path) -> int | None:
+    """The pid of the process that wrote temporary file `path` if it is gone from this host (a
+    kill cut its write short); None when it may still be writing, is on another host, or the
+    name does not say. A pid reused since only delays the removal until the file is stale."""
+    match = _WRITER.search(path.name)
+    if match is None or match.group(2) != host_tag() or process_alive(int(match.group(1))):
+        return None
+    return int(match.group(1))
+
+
 def plan_gc(store: Store, *, resumable: bool = False, artifacts: bool = False, stale_s: float = STALE_S) -> list[Removal]:
     """Everything gc would remove now, in the order it removes it."""
     records = store.cache_records()
@@ -76,9 +92,11 @@ def plan_gc(store: Store, *, resumable: bool = False, artifacts: bool = False, s
             continue
         if any(parent in kept or parent in removed for parent in path.parents):
             continue
-        if now - path.stat().st_mtime < stale_s:
+        writer = dead_writer(path)
+        if writer is None and now - path.stat().st_mtime < stale_s:
             continue  # young: perhaps a writer at work
-        removals.append(Removal(path, "temporary file of an interrupted write", path.stat().st_size))
+        reason = "temporary file of an interrupted write" + (f" (its writer, process {writer}, is gone)" if writer else "")
+        removals.append(Removal(path, reason, path.stat().st_size))
     if artifacts:
         named = {manifest.root for _, _, manifest, _ in records}
         for folder in sorted(p for p in (store.root / "artifacts").glob("*/*") if p.is_dir()):

@@ -16,9 +16,11 @@ half-written file that looks whole.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -104,7 +106,7 @@ def utc_now() -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{writer_tag()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -132,9 +134,22 @@ def exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def host_tag(host: str | None = None) -> str:
+    """A short, file-name-safe stand-in for a host name (this host's by default)."""
+    return hashlib.sha256((host or socket.gethostname()).encode()).hexdigest()[:8]
+
+
+def writer_tag() -> str:
+    """`<pid>-<host tag>` of this process, put in the names of its temporary files: a kill leaves
+    them behind, and `tok1d gc` (tasks/gc.py) removes them as soon as their writer is gone
+    instead of waiting until they are old."""
+    return f"{os.getpid()}-{host_tag()}"
+
+
 def temporary_path(path: Path) -> Path:
-    """A sibling name for writing `path` that no reader globbing for finished files matches."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    """A sibling name for writing `path` that no reader globbing for finished files matches:
+    `.<name>.<pid>-<host tag>-<random>.tmp`."""
+    return path.with_name(f".{path.name}.{writer_tag()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 class Store:
