@@ -15,6 +15,7 @@ from prefect.context import FlowRunContext
 from prefect.states import Completed
 from pydantic import BaseModel
 
+from flows.fanout import PrefectFanOut
 from flows.rate_limits import PrefectRateLimits
 from flows.secrets import PrefectSecrets
 from flows.ui import PrefectArtifacts
@@ -23,6 +24,7 @@ from tasks.progress import attached_ui
 from tasks.rate_limits import attached_rate_limits
 from tasks.runner import StageResult, execute_stage
 from tasks.secrets import attached_vault
+from tasks.shards import attached_fanout
 from tasks.store import Manifest, Store
 
 
@@ -47,7 +49,8 @@ def _stage_task_fn(
     runtime: RuntimeConfig,
     run_id: str | None,
 ) -> StageTaskResult:
-    with attached_ui(PrefectArtifacts()), attached_vault(PrefectSecrets()), attached_rate_limits(PrefectRateLimits()):
+    with attached_ui(PrefectArtifacts()), attached_vault(PrefectSecrets()), attached_rate_limits(PrefectRateLimits()), \
+            attached_fanout(PrefectFanOut()):
         result = execute_stage(stage, section, inputs, Store(store_root), runtime, run_id, current_flow_run_id())
     outcome = StageTaskResult(manifest=result.manifest, cache_hit=result.cache_hit, stage_run_id=result.stage_run_id)
     if result.cache_hit:

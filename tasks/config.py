@@ -431,6 +431,12 @@ class RuntimeConfig(Section):
     processes: int | None = None
     # DataLoader-style decoding workers for image batches (0 = in the training process).
     data_workers: int = 0
+    # Where sharded stages (pretokenize) run their shards, one Prefect task each: in this process,
+    # or on Ray (prefect-ray's RayTaskRunner) at `ray_address` (None: a local Ray on 127.0.0.1
+    # with `ray_workers` CPUs, default all). Shard boundaries never depend on these (tasks/shards.py).
+    task_runner: Literal["in-process", "ray"] = "in-process"
+    ray_address: str | None = None
+    ray_workers: int | None = None
     # Multi-node training (torchrun): `processes` per node on `nnodes` nodes that meet at the c10d
     # rendezvous on HOST:PORT (served by the agent on that host). Node 0's stage commits the
     # artifact; the others train, then return it (README: Training on several nodes).
@@ -457,4 +463,12 @@ class RuntimeConfig(Section):
                 raise ValueError(f"runtime.rdzv_endpoint must look like HOST:PORT, got {self.rdzv_endpoint!r}")
         if self.rdzv_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.rdzv_id):
             raise ValueError(f"runtime.rdzv_id may hold letters, digits, '.', '_' and '-' only, got {self.rdzv_id!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_fan_out(self) -> "RuntimeConfig":
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise ValueError(f"runtime.ray_workers must be >= 1 (or unset: all CPUs), got {self.ray_workers}")
+        if self.task_runner != "ray" and (self.ray_address is not None or self.ray_workers is not None):
+            raise ValueError("runtime.ray_address and runtime.ray_workers need runtime.task_runner=ray")
         return self

@@ -4,8 +4,10 @@
 Output table `tokens` (`tokens/part-SSSSS-KKKK.parquet`): image_id, split, label_id, caption_id,
 tokens. Discrete tokenizers store ids as list<uint16> (N per image), continuous ones the KL
 mean as list<list<halffloat>> ([N][D]). Part KKKK of shard SSSSS holds ingest rows
-[K * shard_rows, (K + 1) * shard_rows) of ingest shard SSSSS, so memory stays flat in the
-dataset size, each part is written atomically, and a rerun after a kill skips finished parts.
+[K * shard_rows, (K + 1) * shard_rows) of ingest shard SSSSS (tasks/shards.py): memory stays
+flat in the dataset size, each part is one shard of the fan-out (in this process, or one Prefect
+task per part on Ray with `runtime.task_runner: ray`), written atomically, and a rerun after a
+kill computes only the missing parts. The parts' bytes do not depend on where they ran.
 
 A decode-back check re-decodes a few validation images from the stored tokens and compares
 them with the tokenizer's own reconstructions; the stage fails if they differ.
@@ -13,11 +15,10 @@ them with the tokenizer's own reconstructions; the stage fails if they differ.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +35,7 @@ from tasks.config import PretokenizeConfig
 from tasks.embed_text.read import TextSource
 from tasks.ingest.read import class_names, decode_images, image_resolution, iter_decoded_images
 from tasks.pretokenize.read import META_FILE, TABLE, decode_tokens, tokens_schema
+from tasks.shards import Shard, fan_out, iter_shard_batches, plan_shards, shard_done
 from tasks.stage import StageContext, StageOutput
 from tasks.store import Manifest, Store, TableRecord, write_json
 from tasks.tables import write_parquet_atomic
@@ -97,38 +99,23 @@ class Encoder:
         return tokens if self.discrete else tokens.float()
 
 
-def _pieces(parquet: pq.ParquetFile, batch_size: int, shard_rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(part index, rows) pieces of a file, each inside one part and at most batch_size rows."""
-    row = 0
-    for batch in parquet.iter_batches(batch_size=min(batch_size, shard_rows), columns=INPUT_COLUMNS):
-        while batch.num_rows:
-            part = row // shard_rows
-            piece = batch.slice(0, (part + 1) * shard_rows - row)
-            yield part, piece
-            row += piece.num_rows
-            batch = batch.slice(piece.num_rows)
+Decoded = tuple[int, pa.RecordBatch, torch.Tensor | None]
 
 
-Decoded = tuple[int, int, pa.RecordBatch, torch.Tensor | None]
-
-
-def _decoded(pieces: Iterator[tuple[int, pa.RecordBatch]], skip: frozenset[int], keep_fn) -> Iterator[Decoded]:
-    """(part, rows read, rows to encode, their images) per piece, decoded one piece ahead in a
+def _decoded(batches: Iterator[pa.RecordBatch], keep_fn) -> Iterator[Decoded]:
+    """(rows read, rows to encode, their images) per batch, decoded one batch ahead in a
     background thread so PNG decoding overlaps the model's forward pass."""
 
-    def load(item: tuple[int, pa.RecordBatch]) -> Decoded:
-        part, piece = item
-        if part in skip:
-            return part, piece.num_rows, piece, None
-        keep = keep_fn(piece.column("image_id").to_pylist())
-        kept = piece.filter(pa.array(keep))
+    def load(batch: pa.RecordBatch) -> Decoded:
+        keep = keep_fn(batch.column("image_id").to_pylist())
+        kept = batch.filter(pa.array(keep))
         pngs = kept.column("image").to_pylist()
-        return part, piece.num_rows, kept.drop_columns(["image"]), decode_images(pngs) if pngs else None
+        return batch.num_rows, kept.drop_columns(["image"]), decode_images(pngs) if pngs else None
 
     with ThreadPoolExecutor(1) as pool:
         pending = None
-        for item in pieces:
-            future = pool.submit(load, item)
+        for batch in batches:
+            future = pool.submit(load, batch)
             if pending is not None:
                 yield pending.result()
             pending = future
@@ -175,31 +162,79 @@ def _rows(piece: pa.RecordBatch, tokens: torch.Tensor, encoder: Encoder) -> pa.T
     )
 
 
-def encode_shard(
-    shard: int, path: Path, out_dir: Path, encoder: Encoder, schema: pa.Schema, config: PretokenizeConfig, progress
-) -> int:
-    """Encode and write the parts of one ingest shard that are not written yet; returns the images encoded."""
-    parquet = pq.ParquetFile(path)
-    parts = max(1, math.ceil(parquet.metadata.num_rows / config.shard_rows))
-    done = {k for k in range(parts) if (out_dir / part_name(shard, k)).is_file()}
-    if len(done) == parts:
-        progress.update(parquet.metadata.num_rows)
-        return 0
-    encoded = 0
-    pieces = _decoded(_pieces(parquet, config.batch_size, config.shard_rows), frozenset(done), encoder.keep)
-    for part, group in itertools.groupby(pieces, key=lambda item: item[0]):
-        rows = []
-        for _, read, piece, images in group:
-            if part not in done and images is not None:
+@dataclass(frozen=True)
+class Setup:
+    """What every shard of one run encodes with: the tokenizer, its text source, the table schema."""
+
+    encoder: Encoder
+    info: dict[str, Any]
+    schema: pa.Schema
+
+
+# One setup per process and run: the in-process fan-out reuses the stage's own, a Ray worker
+# loads the tokenizer once for all the shards it is given.
+_SETUPS: dict[tuple, Setup] = {}
+
+
+def load_setup(store_root: str, inputs: dict[str, Manifest], device: str) -> Setup:
+    """The tokenizer of `inputs` on `device` with its captions and text embeddings (cached per process)."""
+    key = (store_root, device, tuple(sorted((name, m.artifact_id) for name, m in inputs.items())))
+    if key in _SETUPS:
+        return _SETUPS[key]
+    store = Store(store_root)
+    model, info = load_tokenizer(inputs["train-tokenizer"], store, device)
+    text = TextSource(inputs["caption"], inputs["embed-text"], store) if info["text"]["uses_text"] else None
+    if text is not None and text.dim != info["text"]["dim"]:
+        raise ValueError(
+            f"pretokenize: the tokenizer expects {info['text']['dim']}-d text embeddings, "
+            f"embed-text/{text.embed_artifact} has {text.dim}-d ones; use the embed-text output it was trained with"
+        )
+    if text is not None:
+        caption_of = text.caption_of
+    else:  # without captions in the run, the table's caption_id is null
+        caption_of = _captions(inputs["caption"], store) if "caption" in inputs else {}
+    setup = Setup(Encoder(model, text, caption_of), info, tokens_schema(model.is_discrete, model.config.codebook_size))
+    _SETUPS.clear()  # one run's tokenizer at a time: a long-lived worker must not pile them up
+    _SETUPS[key] = setup
+    return setup
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """One shard's outcome: rows it covers, images it encoded, whether this call computed it."""
+
+    name: str
+    rows: int
+    encoded: int
+    computed: bool
+
+
+@dataclass(frozen=True)
+class EncodeShard:
+    """Encode one shard of ingest rows into its part of the tokens table (picklable, so it runs
+    on a Ray worker as well as here). A part that exists and reads back is left as it is."""
+
+    store_root: str
+    inputs: dict[str, Manifest]
+    config: PretokenizeConfig
+    device: str
+    out_dir: str
+    schema: pa.Schema
+
+    def __call__(self, shard: Shard) -> ShardResult:
+        path = Path(self.out_dir) / f"{shard.name}.parquet"
+        if shard_done(path, self.schema):
+            return ShardResult(shard.name, shard.rows, 0, False)
+        encoder = load_setup(self.store_root, self.inputs, self.device).encoder
+        rows, encoded = [], 0
+        batches = iter_shard_batches(shard, self.config.batch_size, INPUT_COLUMNS)
+        for _, piece, images in _decoded(batches, encoder.keep):
+            if images is not None:
                 rows.append(_rows(piece, encoder.encode(images, piece.column("image_id").to_pylist()), encoder))
                 encoded += len(images)
-            progress.update(read)
-        if part not in done:
-            _write_part(rows, schema, out_dir / part_name(shard, part))
-            done.add(part)
-    for part in set(range(parts)) - done:  # an empty ingest shard still gets its (empty) part
-        _write_part([], schema, out_dir / part_name(shard, part))
-    return encoded
+        _write_part(rows, self.schema, path)
+        log.info("pretokenize: computed shard %s (%d images)", shard.name, encoded)
+        return ShardResult(shard.name, shard.rows, encoded, True)
 
 
 @torch.no_grad()
@@ -263,7 +298,10 @@ def run_pretokenize(ctx: StageContext) -> StageOutput:
         raise ValueError("pretokenize.batch_size, shard_rows and decode_check_images must be >= 1")
     store, ingest = ctx.store, ctx.inputs["ingest"]
     tokenizer_manifest = ctx.inputs["train-tokenizer"]
-    model, info = load_tokenizer(tokenizer_manifest, store, ctx.device)
+    device = ctx.device
+    setup = load_setup(str(store.root), ctx.inputs, device)
+    encoder, info, schema = setup.encoder, setup.info, setup.schema
+    model, text = encoder.model, encoder.text
     if info["ingest_artifact"] not in (None, ingest.artifact_id):  # None: imported, trained elsewhere
         log.warning("pretokenize: the tokenizer was trained on ingest/%s, encoding ingest/%s",
                     info["ingest_artifact"], ingest.artifact_id)
@@ -272,36 +310,27 @@ def run_pretokenize(ctx: StageContext) -> StageOutput:
         raise ValueError(f"pretokenize: the tokenizer takes {model.config.image_size}x{model.config.image_size} images, "
                          f"ingest/{ingest.artifact_id} holds {resolution}x{resolution} ones; set "
                          f"ingest.resolution={model.config.image_size}")
-    text = TextSource(ctx.inputs["caption"], ctx.inputs["embed-text"], store) if info["text"]["uses_text"] else None
-    if text is not None and text.dim != info["text"]["dim"]:
-        raise ValueError(
-            f"pretokenize: the tokenizer expects {info['text']['dim']}-d text embeddings, "
-            f"embed-text/{text.embed_artifact} has {text.dim}-d ones; use the embed-text output it was trained with"
-        )
-    if text is not None:
-        caption_of = text.caption_of
-    else:  # without captions in the run, the table's caption_id is null
-        caption_of = _captions(ctx.inputs["caption"], store) if "caption" in ctx.inputs else {}
-    encoder = Encoder(model, text, caption_of)
-    schema = tokens_schema(model.is_discrete, model.config.codebook_size)
 
     out_dir = ctx.output_dir / TABLE
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = ingest.table_files(store, "images")
-    expected = set()
-    for shard, path in enumerate(files):
-        rows = pq.ParquetFile(path).metadata.num_rows
-        expected |= {part_name(shard, k) for k in range(max(1, math.ceil(rows / config.shard_rows)))}
+    shards = plan_shards(ingest.table_files(store, "images"), config.shard_rows)
+    expected = {f"{shard.name}.parquet" for shard in shards}
     for leftover in out_dir.iterdir():  # temporaries of a killed run, parts of another layout
         if leftover.name not in expected:
             leftover.unlink()
+    missing = [shard for shard in shards if not shard_done(out_dir / f"{shard.name}.parquet", schema)]
 
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+    total = sum(shard.rows for shard in shards)
+    job = EncodeShard(str(store.root), dict(ctx.inputs), config, device, str(out_dir), schema)
     started = time.perf_counter()
-    with ctx.progress(total, "images", unit="img") as progress:
-        encoded = sum(encode_shard(shard, path, out_dir, encoder, schema, config, progress)
-                      for shard, path in enumerate(files))
+    encoded = computed = 0
+    with ctx.progress(total, "images", unit="img", initial=total - sum(s.rows for s in missing)) as progress:
+        for result in fan_out(ctx.stage, job, missing, ctx.runtime):
+            encoded += result.encoded
+            computed += result.computed
+            progress.update(result.rows)
     elapsed = time.perf_counter() - started
+    log.info("pretokenize: %d of %d shards computed in this run", computed, len(shards))
 
     token_files = sorted(out_dir.glob("part-*.parquet"))
     splits = pads.dataset([str(p) for p in token_files], format="parquet").to_table(columns=["split"]).column("split")
@@ -335,6 +364,8 @@ def run_pretokenize(ctx: StageContext) -> StageOutput:
         "seq_len": meta["seq_len"],
         "discrete": meta["discrete"],
         "encoded_this_run": encoded,  # fewer than rows when a killed run is resumed
+        "shards": len(shards),
+        "shards_computed_this_run": computed,
         "images_per_s": encoded / elapsed if encoded else None,
         **check,
     }

@@ -1,0 +1,153 @@
+"""Sharded fan-out on a real local Ray (prefect-ray's RayTaskRunner) from a real Prefect flow: the
+pretokenize artifact (id and every file's sha256) is the same in-process and on Ray with 1 or 2
+workers, and a killed fan-out resumes on Ray computing only the missing shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from prefect import flow  # noqa: E402
+
+from builders.ingest import ingest_artifact  # noqa: E402
+from builders.tokenizer import random_tokenizer  # noqa: E402
+from flows.fanout import PrefectFanOut  # noqa: E402
+from flows.stage_task import run_stage_in_flow  # noqa: E402
+from models.tokenizer_config import TokenizerConfig  # noqa: E402
+from tasks.config import PretokenizeConfig, RuntimeConfig  # noqa: E402
+from tasks.pretokenize.compute import run_pretokenize  # noqa: E402
+from tasks.shards import attached_fanout  # noqa: E402
+from tasks.stage import StageContext  # noqa: E402
+from tasks.store import Manifest, Store  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = 40  # two ingest files of 20 rows; parts of 7 rows: 3 shards each
+CONFIG = PretokenizeConfig(batch_size=4, shard_rows=7, decode_check_images=4)
+SHARDS = [f"part-0000{f}-000{k}.parquet" for f in range(2) for k in range(3)]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module (its start is the slow part): 2 CPUs on 127.0.0.1."""
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def seed_store(tmp_path_factory):
+    """A store with an ingest of 8x8 colour squares and an untrained nano VQ tokenizer."""
+    store = Store(tmp_path_factory.mktemp("ray-shards") / "store")
+    ingest = ingest_artifact(store, IMAGES, shards=2)
+    config = TokenizerConfig(image_size=8, patch_size=4, size="nano", num_latent_tokens=8, codebook_size=32, token_dim=4)
+    tokenizer, _ = random_tokenizer(store, config, ingest_artifact=ingest.artifact_id)
+    return store, {"ingest": ingest, "train-tokenizer": tokenizer}
+
+
+@flow(name="ray-shards-test")
+def pretokenize_flow(store_root: str, inputs: dict[str, Manifest], runtime: RuntimeConfig) -> Manifest:
+    return run_stage_in_flow("pretokenize", CONFIG, inputs, Store(store_root), runtime, None).manifest
+
+
+def sha256s(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_artifact_is_the_same_in_process_and_on_ray_with_1_or_2_workers(tmp_path, seed_store, ray_cluster):
+    store, inputs = seed_store
+    artifacts = {}
+    for label, runtime in [
+        ("in-process", RuntimeConfig(device="cpu")),
+        ("ray-1", RuntimeConfig(device="cpu", task_runner="ray", ray_workers=1)),
+        ("ray-2", RuntimeConfig(device="cpu", task_runner="ray", ray_workers=2)),
+    ]:
+        root = tmp_path / label
+        shutil.copytree(store.root, root)  # the same inputs, no cache hit from the run before
+        manifest = pretokenize_flow(str(root), inputs, runtime)
+        assert manifest.summary["shards"] == 6 and manifest.summary["shards_computed_this_run"] == 6, label
+        assert manifest.rows == IMAGES
+        artifacts[label] = (manifest.artifact_id, {f.path: f.sha256 for f in manifest.files})
+    assert sorted(p for p in artifacts["in-process"][1] if p.startswith("tokens/")) == [f"tokens/{s}" for s in SHARDS]
+    assert artifacts["ray-1"] == artifacts["in-process"]
+    assert artifacts["ray-2"] == artifacts["in-process"]
+
+
+KILL_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from pathlib import Path
+import tasks.pretokenize.compute as stage
+from tasks.config import PretokenizeConfig, RuntimeConfig
+from tasks.stage import StageContext
+from tasks.store import Manifest, Store
+
+encode = stage.Encoder.encode
+def slow_encode(self, images, image_ids):  # slow batches leave time to kill mid-fan-out
+    time.sleep(0.5)
+    return encode(self, images, image_ids)
+stage.Encoder.encode = slow_encode
+store_root, inputs, work, config = sys.argv[1:]
+inputs = {k: Manifest.model_validate_json(v) for k, v in __import__("json").loads(inputs).items()}
+ctx = StageContext("pretokenize", PretokenizeConfig.model_validate_json(config), inputs, Store(store_root),
+                   RuntimeConfig(device="cpu"), "k" * 64, Path(work))
+stage.run_pretokenize(ctx)
+"""
+
+
+def kill_after_parts(tmp_path: Path, args: list[str], parts: Path, count: int, timeout_s: float = 120) -> None:
+    """Run KILL_SCRIPT in a child process and SIGKILL it once `count` token parts exist."""
+    log = open(tmp_path / "kill.log", "wb")
+    child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(list(parts.glob("part-*.parquet"))) < count:
+            assert child.poll() is None, (tmp_path / "kill.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {count} token parts within {timeout_s} s"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+        log.close()
+
+
+@flow(name="ray-shards-resume-test")
+def resume_flow(store_root: str, inputs: dict[str, Manifest], runtime: RuntimeConfig, work: str) -> dict:
+    """run_pretokenize in a Prefect flow with the fan-out flows/ attaches to stage tasks."""
+    ctx = StageContext("pretokenize", CONFIG, inputs, Store(store_root), runtime, "k" * 64, Path(work))
+    with attached_fanout(PrefectFanOut()):
+        return run_pretokenize(ctx).summary
+
+
+def test_killed_fan_out_resumes_on_ray_with_only_the_missing_shards(tmp_path, seed_store, ray_cluster):
+    store, inputs = seed_store
+    work = tmp_path / "killed"
+    parts = work / "output" / "tokens"
+    args = [str(store.root), json.dumps({k: m.model_dump_json() for k, m in inputs.items()}), str(work),
+            CONFIG.model_dump_json()]
+    kill_after_parts(tmp_path, args, parts, 2)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob("part-*.parquet")}
+    assert 2 <= len(before) < 6, sorted(before)
+
+    runtime = RuntimeConfig(device="cpu", task_runner="ray", ray_workers=2)
+    summary = resume_flow(str(store.root), inputs, runtime, str(work))
+    assert summary["shards_computed_this_run"] == 6 - len(before)  # finished shards were not computed again
+    assert summary["rows"] == IMAGES
+    for name, stat in before.items():  # and their files were left as they were
+        assert ((parts / name).stat().st_ino, (parts / name).stat().st_mtime_ns) == stat, name
+
+    straight = StageContext("pretokenize", CONFIG, inputs, store, RuntimeConfig(device="cpu"), "k" * 64, tmp_path / "straight")
+    run_pretokenize(straight)
+    assert sha256s(parts) == sha256s(straight.output_dir / "tokens") and sorted(sha256s(parts)) == SHARDS
