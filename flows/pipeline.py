@@ -24,9 +24,9 @@ def run_pipeline(
     run_id = record["run_id"]
     lineage.ensure_database(store)
     reconcile(store, found_by=f"run {run_id}")
-    lineage.record_run(store, status="running", **record)
     results: dict[str, StageResult] = {}
-    with Lease(store, "run", run_id, record) as lease:
+    with Lease(store, "run", run_id, record) as lease:  # before `running`: a kill is always found
+        lineage.record_run(store, status="running", **record)
         try:
             for name in stages_to_run(config, until):
                 inputs = {upstream: results[upstream].manifest for upstream in get_stage(name).inputs(config)}

@@ -87,9 +87,9 @@ def record_cached_run(
     record = run_record(config, preset=preset, flow=flow, flow_run_id=None)
     lineage.ensure_database(store)
     reconcile(store, found_by=f"run {record['run_id']}")
-    lineage.record_run(store, status="running", **record)
     results = {}
-    with Lease(store, "run", record["run_id"], record):
+    with Lease(store, "run", record["run_id"], record):  # before `running`: a kill is always found
+        lineage.record_run(store, status="running", **record)
         for stage in stages:
             stage_run_id = record_cache_hit(stage.plan, stage.manifest, stage.inputs, store, record["run_id"])
             results[stage.name] = StageResult(stage.manifest, True, stage_run_id)

@@ -186,9 +186,10 @@ def _compute(
     stage_name = stage.name
     common = _event_fields(plan, run_id, flow_run_id, cache_hit=False)
     stage_run_id, started = common["stage_run_id"], common["started_at"]
-    lineage.record_stage_event(store, status="running", **common)
-    # Held until the end event is written: a process that dies holding it is found and recorded killed.
+    # Held until the end event is written: a process that dies holding it is found and recorded
+    # killed. Taken before the `running` event, so no kill leaves that event without a lease.
     with Lease(store, "stage", stage_run_id, common) as lease:
+        lineage.record_stage_event(store, status="running", **common)
         context = StageContext(stage_name, section, inputs, store, runtime, plan.slot.slot_key, work_dir)
         if "torch" in sys.modules:  # a run of ingest or caption alone never imports torch
             ThreadGovernor(stage_name, runtime.threads).start()
