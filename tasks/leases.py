@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks.store import Store, atomic_write_text
+from tasks.store import Store, atomic_write_text, host_tag, writer_tag
 
 log = logging.getLogger("tok1d")
 
@@ -31,6 +32,8 @@ HEARTBEAT_S = 30.0
 # attribute caching and a stalled but living writer.
 EXPIRY_S = 600.0
 LEASES_DIR = "leases"
+# `.<lease file>.<pid>-<host tag>.claimed`: a lease a reconciler took to record its death.
+_CLAIMED = re.compile(r"\.(.+\.json)\.(\d+)-([0-9a-f]{8})\.claimed")
 
 
 def process_start(pid: int) -> str | None:
@@ -143,14 +146,30 @@ def dead_leases(store: Store, expiry_s: float = EXPIRY_S) -> list[DeadLease]:
     return dead
 
 
+def _return_orphaned_claims(store: Store) -> None:
+    """Put back the claims of reconcilers that died before recording the death they claimed (a
+    kill of `tok1d status` or of a starting run), so that death is still recorded; a claimer on
+    another host cannot be checked and keeps its claim."""
+    for claimed in (store.root / LEASES_DIR).glob(".*.claimed"):
+        match = _CLAIMED.fullmatch(claimed.name)
+        if match is None or match.group(3) != host_tag() or process_alive(int(match.group(2))):
+            continue
+        try:
+            os.replace(claimed, claimed.with_name(match.group(1)))
+        except OSError:
+            continue  # another reconciler put it back first
+
+
 def reconcile(store: Store, found_by: str, record: Callable[[DeadLease, str], bool],
               expiry_s: float = EXPIRY_S) -> list[DeadLease]:
     """Call `record(lease, error)` for each dead lease (it appends the `killed` event and says
     whether it did), then remove the lease; returns those recorded. Safe to run from several
-    processes at once: a lease is claimed by renaming it away first, so each death is recorded once."""
+    processes at once: a lease is claimed by renaming it away first, so each death is recorded
+    once, and a claim whose claimer died is put back for the next reconcile."""
+    _return_orphaned_claims(store)
     found = []
     for lease in dead_leases(store, expiry_s):
-        claimed = lease.path.with_name(f".{lease.path.name}.{os.getpid()}.claimed")
+        claimed = lease.path.with_name(f".{lease.path.name}.{writer_tag()}.claimed")
         try:
             os.replace(lease.path, claimed)
         except OSError:

@@ -35,7 +35,7 @@ SETS = ["runtime.threads=1", "train_tokenizer.train.checkpoint_every=5", "train_
         "evaluate.reference_images=12"]
 TIMEOUT_S = 300
 # Names only an interrupted write leaves: `.<name>.<random>.tmp`, `.<name>.tmp.png`, checkpoint
-# folders `.step-N.tmp`, claimed leases `.<lease>.<pid>.claimed`.
+# folders `.step-N.tmp`, claimed leases `.<lease>.<pid>-<host>.claimed`.
 STRAY = re.compile(r"\.tmp(\.|$)|\.claimed$")
 
 
