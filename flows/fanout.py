@@ -18,13 +18,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RuntimeConfig
-from tasks.shards import Shard
 
 log = logging.getLogger("tok1d")
 R = TypeVar("R")
+T = TypeVar("T")  # a shard of tasks/shards.py: picklable, with a stable `name`
 
 
-def _run_shard(fn: Callable[[Shard], R], shard: Shard, stage: str) -> R:
+def _run_shard(fn: Callable[[T], R], shard: T, stage: str) -> R:
     return fn(shard)
 
 
@@ -63,14 +63,14 @@ class PrefectFanOut:
     """`tasks.shards.FanOut` as Prefect task runs: inline, or submitted to Ray in shard order
     with at most `runtime.ray_workers` shards in flight (all, when unset)."""
 
-    def map(self, stage: str, fn: Callable[[Shard], R], shards: Sequence[Shard], runtime: Any) -> Iterator[R]:
+    def map(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any) -> Iterator[R]:
         if runtime.task_runner == "ray" and shards:
             yield from self._on_ray(stage, fn, shards, runtime)
             return
         for shard in shards:
             yield shard_task(fn, shard, stage)
 
-    def _on_ray(self, stage: str, fn: Callable[[Shard], R], shards: Sequence[Shard], runtime: RuntimeConfig) -> Iterator[R]:
+    def _on_ray(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: RuntimeConfig) -> Iterator[R]:
         import ray
         from prefect_ray.context import remote_options
 

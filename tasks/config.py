@@ -286,6 +286,8 @@ class EmbedTextConfig(Section):
     max_tokens: int = 32
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = 64
+    # Captions per shard of the fan-out (one output part each; ~25 MB for MiniLM at 32 tokens).
+    shard_rows: int = 1024
 
 
 # --------------------------------------------------------------------------- training
@@ -431,7 +433,7 @@ class RuntimeConfig(Section):
     processes: int | None = None
     # DataLoader-style decoding workers for image batches (0 = in the training process).
     data_workers: int = 0
-    # Where sharded stages (pretokenize) run their shards, one Prefect task each: in this process,
+    # Where sharded stages (embed-text, pretokenize) run their shards, one Prefect task each: here,
     # or on Ray (prefect-ray's RayTaskRunner) at `ray_address` (None: a local Ray on 127.0.0.1
     # with `ray_workers` CPUs, default all). Shard boundaries never depend on these (tasks/shards.py).
     task_runner: Literal["in-process", "ray"] = "in-process"

@@ -1,8 +1,9 @@
 """Sharded fan-out: a stage's work cut into fixed shards, each computed by a plain function that
 writes one immutable file, run by whichever fan-out the orchestrator attached.
 
-A shard is a fixed row range of one input file, derived from the input manifest's files and the
-stage's `shard_rows` only, never from the number of workers: the shard plan, every shard's file
+A shard is a fixed row range of one input file (`Shard`) or of a list the input manifest fixes
+(embed-text's captions), derived from the inputs and the stage's `shard_rows` only, never from
+the number of workers: the shard plan, every shard's file
 name and every file's bytes are the same whether the shards run in this process or on a Ray
 cluster with any number of workers. A shard whose file exists (written by rename, so never half)
 and reads back is done: a killed fan-out, run again, computes only the missing shards.
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger("tok1d")
 R = TypeVar("R")
+T = TypeVar("T")  # a shard: any picklable object with a stable `name`
 
 
 @dataclass(frozen=True)
@@ -93,12 +95,13 @@ def iter_shard_batches(shard: Shard, batch_size: int, columns: list[str]) -> Ite
         yield pending
 
 
-def shard_done(path: Path, schema: pa.Schema) -> bool:
-    """True when the shard's file exists and its footer reads with the expected schema."""
+def shard_done(path: Path, schema: pa.Schema | None = None) -> bool:
+    """True when the shard's file exists and its footer reads (with `schema`, when given)."""
     if not path.is_file():
         return False
     try:
-        return pq.read_schema(path).equals(schema)
+        found = pq.read_schema(path)
+        return schema is None or found.equals(schema)
     except (OSError, pa.ArrowInvalid) as error:
         log.warning("shard file %s is unreadable (%s); computing it again", path, error)
         return False
@@ -107,13 +110,13 @@ def shard_done(path: Path, schema: pa.Schema) -> bool:
 class FanOut(Protocol):
     """Runs `fn` on every shard and yields the results in shard order."""
 
-    def map(self, stage: str, fn: Callable[[Shard], R], shards: Sequence[Shard], runtime: Any) -> Iterator[R]: ...
+    def map(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any) -> Iterator[R]: ...
 
 
 class InProcess:
     """The default fan-out: one shard after another in this process."""
 
-    def map(self, stage: str, fn: Callable[[Shard], R], shards: Sequence[Shard], runtime: Any) -> Iterator[R]:
+    def map(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any) -> Iterator[R]:
         if getattr(runtime, "task_runner", "in-process") != "in-process":
             log.warning("%s: runtime.task_runner=%s needs a Prefect flow (tok1d run); running the shards "
                         "in this process", stage, runtime.task_runner)
@@ -135,7 +138,7 @@ def attached_fanout(fanout: FanOut) -> Iterator[None]:
         _fanout = previous
 
 
-def fan_out(stage: str, fn: Callable[[Shard], R], shards: Sequence[Shard], runtime: Any) -> Iterator[R]:
+def fan_out(stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any) -> Iterator[R]:
     """`fn(shard)` for every shard, in shard order, on the attached fan-out.
 
     `fn` must be picklable (a module-level function or a dataclass instance) and must write its

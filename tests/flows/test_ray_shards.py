@@ -1,6 +1,7 @@
 """Sharded fan-out on a real local Ray (prefect-ray's RayTaskRunner) from a real Prefect flow: the
 pretokenize artifact (id and every file's sha256) is the same in-process and on Ray with 1 or 2
-workers, and a killed fan-out resumes on Ray computing only the missing shards."""
+workers, and a killed fan-out resumes on Ray computing only the missing shards; embed-text's
+artifact is the same in-process and on Ray, and its missing parts come back from the cache."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ ray = pytest.importorskip("ray")
 
 from prefect import flow  # noqa: E402
 
+from builders.caption import caption_artifact  # noqa: E402
 from builders.ingest import ingest_artifact  # noqa: E402
 from builders.tokenizer import random_tokenizer  # noqa: E402
 from flows.fanout import PrefectFanOut  # noqa: E402
 from flows.stage_task import run_stage_in_flow  # noqa: E402
 from models.tokenizer_config import TokenizerConfig  # noqa: E402
-from tasks.config import PretokenizeConfig, RuntimeConfig  # noqa: E402
+from tasks.config import EmbedTextConfig, PretokenizeConfig, RuntimeConfig  # noqa: E402
+from tasks.embed_text.stage import run_embed_text  # noqa: E402
 from tasks.pretokenize.compute import run_pretokenize  # noqa: E402
 from tasks.shards import attached_fanout  # noqa: E402
 from tasks.stage import StageContext  # noqa: E402
@@ -151,3 +154,47 @@ def test_killed_fan_out_resumes_on_ray_with_only_the_missing_shards(tmp_path, se
     straight = StageContext("pretokenize", CONFIG, inputs, store, RuntimeConfig(device="cpu"), "k" * 64, tmp_path / "straight")
     run_pretokenize(straight)
     assert sha256s(parts) == sha256s(straight.output_dir / "tokens") and sorted(sha256s(parts)) == SHARDS
+
+
+EMBED = EmbedTextConfig(max_tokens=6, batch_size=2, shard_rows=3)
+CAPTIONS = [f"a {colour} {thing}" for colour in ("red", "grey", "small", "striped") for thing in ("bag", "sneaker", "shirt")]
+
+
+@flow(name="ray-shards-embed-test")
+def embed_flow(store_root: str, inputs: dict[str, Manifest], runtime: RuntimeConfig) -> Manifest:
+    return run_stage_in_flow("embed-text", EMBED, inputs, Store(store_root), runtime, None).manifest
+
+
+@flow(name="ray-shards-embed-resume-test")
+def embed_resume_flow(store_root: str, inputs: dict[str, Manifest], runtime: RuntimeConfig, work: str) -> dict:
+    ctx = StageContext("embed-text", EMBED, inputs, Store(store_root), runtime, "k" * 64, Path(work))
+    with attached_fanout(PrefectFanOut()):
+        return run_embed_text(ctx).summary
+
+
+def test_embed_text_is_the_same_in_process_and_on_ray_and_resumes_from_the_cache(tmp_path, ray_cluster):
+    seed = Store(tmp_path / "seed")
+    inputs = {"caption": caption_artifact(seed, CAPTIONS, {0: ["a bag"]}, labels=[i % 3 for i in range(len(CAPTIONS))])}
+    artifacts = {}
+    for label, runtime in [("in-process", RuntimeConfig(device="cpu")),
+                           ("ray-2", RuntimeConfig(device="cpu", task_runner="ray", ray_workers=2))]:
+        shutil.copytree(seed.root, tmp_path / label)  # an empty embedding cache each time
+        manifest = embed_flow(str(tmp_path / label), inputs, runtime)
+        assert (manifest.summary["shards"], manifest.summary["embedded_new"]) == (5, 13), label
+        artifacts[label] = (manifest.artifact_id, {f.path: f.sha256 for f in manifest.files})
+    assert artifacts["ray-2"] == artifacts["in-process"]
+
+    # Two parts of a run lost (as by a kill after their captions reached the cache): a rerun on
+    # Ray computes those two shards only, from the cache, and ends with the same files.
+    store = Store(tmp_path / "in-process")
+    work = tmp_path / "resumed"
+    ctx = StageContext("embed-text", EMBED, inputs, store, RuntimeConfig(device="cpu"), "k" * 64, work)
+    assert run_embed_text(ctx).summary["embedded_new"] == 0
+    parts = work / "output" / "embeddings"
+    reference = sha256s(parts)
+    for name in ("part-00001.parquet", "part-00004.parquet"):
+        (parts / name).unlink()
+    runtime = RuntimeConfig(device="cpu", task_runner="ray", ray_workers=2)
+    summary = embed_resume_flow(str(store.root), inputs, runtime, str(work))
+    assert (summary["shards_computed_this_run"], summary["embedded_new"], summary["captions"]) == (2, 0, 13)
+    assert sha256s(parts) == reference

@@ -89,7 +89,7 @@ def test_minilm_shapes_mask_padding_truncation(tmp_path, store, minilm):
     assert sorted(emb.caption_ids) == sorted(caption_id(c) for c in expected)  # captions and pool, once each
     assert output.summary == {
         "captions": 5, "embedded_new": 5, "reused": 0, "encoder": emb.encoder, "encoder_key": output.summary["encoder_key"],
-        "dim": 384, "max_tokens": 12, "dtype": "float16",
+        "dim": 384, "max_tokens": 12, "dtype": "float16", "shards": 1, "shards_computed_this_run": 1,
     }
     assert len(expected) == 5
     assert emb.tokens.shape == (5, 12, 384) and emb.tokens.dtype == np.float16
