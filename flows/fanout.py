@@ -50,7 +50,11 @@ def _api_for_workers(stack: ExitStack) -> None:
 
 
 def _ray_runner(runtime: RuntimeConfig):
-    from prefect_ray import RayTaskRunner
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as error:
+        raise RuntimeError(f"runtime.task_runner=ray needs prefect-ray and ray ({error}): "
+                           "pip install -c constraints.txt -e '.[ray]'") from None
 
     if runtime.ray_address is not None:
         return RayTaskRunner(address=runtime.ray_address)
@@ -71,15 +75,18 @@ class PrefectFanOut:
             yield shard_task(fn, shard, stage)
 
     def _on_ray(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: RuntimeConfig) -> Iterator[R]:
+        runner = _ray_runner(runtime)
         import ray
         from prefect_ray.context import remote_options
 
         window = runtime.ray_workers or len(shards)
         with ExitStack() as stack:
-            runner = stack.enter_context(_ray_runner(runtime))
+            stack.enter_context(runner)
             _api_for_workers(stack)
-            # A CUDA run asks Ray for one GPU per shard task, so Ray places one shard per GPU.
-            stack.enter_context(remote_options(num_cpus=1, **({"num_gpus": 1} if runtime.device == "cuda" else {})))
+            # A CUDA run asks Ray for one GPU per shard task, so Ray places one shard per GPU (and
+            # makes it visible: a task without num_gpus sees none). `auto` does where Ray has GPUs.
+            gpus = runtime.device == "cuda" or (runtime.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+            stack.enter_context(remote_options(num_cpus=1, **({"num_gpus": 1} if gpus else {})))
             log.info("%s: %d shards on Ray (%s), at most %d at a time", stage, len(shards),
                      runtime.ray_address or "local", window)
             todo, running = deque(shards), deque()
