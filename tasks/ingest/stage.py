@@ -12,6 +12,8 @@ import itertools
 import math
 import multiprocessing
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -67,7 +69,8 @@ _CHUNK = 16
 _IN_FLIGHT = 4
 
 
-def _bounded_imap(pool, config: IngestConfig, items: Iterable[Item], window: int) -> Iterator[Outcome]:
+def _bounded_imap(pool: ProcessPoolExecutor, config: IngestConfig, items: Iterable[Item],
+                  window: int) -> Iterator[Outcome]:
     """`process_item` over items through `pool`, in order, with at most `window` chunks queued."""
     source = iter(items)
     pending: deque = deque()
@@ -75,12 +78,16 @@ def _bounded_imap(pool, config: IngestConfig, items: Iterable[Item], window: int
     def submit() -> None:
         chunk = list(itertools.islice(source, _CHUNK))
         if chunk:
-            pending.append(pool.apply_async(process_items, (chunk, config)))
+            pending.append(pool.submit(process_items, chunk, config))
 
     for _ in range(window):
         submit()
     while pending:
-        done = pending.popleft().get()
+        try:
+            done = pending.popleft().result()
+        except BrokenProcessPool as error:
+            raise RuntimeError("ingest: a worker process died (killed, or out of memory); the images written "
+                               "so far are kept and a rerun resumes from them") from error
         submit()
         yield from done
 
@@ -93,7 +100,9 @@ def _mapper(config: IngestConfig, workers: int) -> Iterator[Callable[[Iterable[I
         yield lambda items: map(work, items)
         return
     # spawn: a forked copy of a process with torch/Prefect threads can deadlock.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # A process pool executor, not multiprocessing.Pool: when a worker dies, Pool loses its task
+    # and waits for it forever (seen in the suite); the executor raises BrokenProcessPool.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         yield lambda items: _bounded_imap(pool, config, items, _IN_FLIGHT * workers)
 
 
