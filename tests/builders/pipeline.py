@@ -17,7 +17,7 @@ from tasks.registry import get_stage
 from tasks.runner import execute_stage
 from tasks.store import Manifest, Store
 
-# 48 Fashion-MNIST images at 16 px, 2 training steps per model, 8 samples scored against 12 images.
+# 48 Fashion-MNIST images at 16 px, 2 training steps per model, 8 samples scored against 12 training images.
 TINY = [
     "ingest.source.max_images=48", "ingest.shard_rows=64", "ingest.resolution=16",
     "train_tokenizer.model.patch_size=4", "train_tokenizer.model.num_latent_tokens=8",
@@ -26,7 +26,8 @@ TINY = [
     "train_tokenizer.grid_images=4", "train_tokenizer.perceptual=none", "pretokenize.decode_check_images=4",
     "train_generator.train.steps=2", "train_generator.train.batch_size=8", "train_generator.train.checkpoint_every=2",
     "train_generator.train.log_every=1", "evaluate.num_samples=8", "evaluate.batch_size=8",
-    "evaluate.reference_images=12", "evaluate.grid_images=4", "runtime.device=cpu", "runtime.threads=1",
+    "evaluate.reference_split=train", "evaluate.reference_images=12", "evaluate.grid_images=4", "runtime.device=cpu",
+    "runtime.threads=1",
 ]
 
 

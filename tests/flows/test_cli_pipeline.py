@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import duckdb
 import pytest
 
@@ -73,6 +75,10 @@ def test_smoke_runs_every_stage_and_records_every_metric(tmp_path, preset, gener
     store = tmp_path / "store"
     first = tok1d("run", "--preset", preset, "--store", str(store))
     assert stage_results(first.stdout) == {stage: "computed" for stage in stages}
+    # The run ends with its headline metrics and what they are on.
+    headline = first.stdout.split("metrics of this run", 1)[1]
+    for name in ("psnr", "rfid", "gfid", "gkid"):
+        assert re.search(rf"^  \S+ +{name} .* N=\d+$", headline, re.M), (name, headline)
     # Answered from the store and recorded in lineage without torch or Prefect (issue 11 item 4).
     second, heavy = tok1d_imports("run", "--preset", preset, "--store", str(store))
     assert second.returncode == 0, second.stderr

@@ -11,8 +11,10 @@ from tasks.allocator import is_glibc
 
 pytestmark = pytest.mark.skipif(not is_glibc(), reason="mallopt tuning exists only on glibc")
 
-# Six "batches" that each allocate, touch and free a 64 MiB and a 12 MiB tensor; prints the minor
-# page faults of the last three (the first ones grow the heap until freed blocks fit).
+# Twelve "batches" that each allocate, touch and free a 64 MiB and a 12 MiB tensor; prints the minor
+# page faults of the last six. The first ones grow the heap until freed blocks fit (torch's aligned
+# allocations are a little larger than a freed block of the same tensor size), and a later batch
+# may still grow it once, depending on the heap's layout.
 SCRIPT = """
 import resource, sys
 import torch
@@ -23,10 +25,10 @@ def batch():
     x = torch.empty(16 * 1024 * 1024).fill_(1.0)  # 64 MiB: above glibc's largest mmap threshold
     y = torch.empty(3 * 1024 * 1024).fill_(2.0)
     del x, y
-for _ in range(3):
+for _ in range(6):
     batch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(6):
     batch()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -39,5 +41,7 @@ def late_batch_faults(mode: str) -> int:
 
 def test_a_freed_large_tensor_is_reused_without_page_faults():
     # glibc's default maps and unmaps the 64 MiB one: its 16k pages fault in again every batch.
-    assert late_batch_faults("default") > 3 * 16_000
-    assert late_batch_faults("reuse") < 1_000
+    default = late_batch_faults("default")
+    assert default > 6 * 16_000
+    # Kept: at most the odd batch that still grows the heap.
+    assert late_batch_faults("reuse") < default / 3
