@@ -11,6 +11,7 @@ from pathlib import Path
 
 from flows.export import add_export, export_cli
 from flows.import_titok import add_import_titok, import_titok_cli
+from flows.mlflow_export import add_export_mlflow, export_mlflow_cli
 
 DEFAULT_STORE = os.environ.get("TOK1D_STORE", "store")
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the presets in configs/")
     add_import_titok(commands, DEFAULT_STORE, _debug)
     add_export(commands, DEFAULT_STORE, _debug)
+    add_export_mlflow(commands, DEFAULT_STORE, _debug)
     sweep = commands.add_parser(
         "sweep", help="presets x axes (tokens, text on/off, any key) x seeds through the pipeline; "
                       "mean +- std per point, text on - off paired by seed")
@@ -174,6 +176,8 @@ def _run_command(args: argparse.Namespace) -> int:
         return import_titok_cli(args)
     if args.command == "export":
         return export_cli(args)
+    if args.command == "export-mlflow":
+        return export_mlflow_cli(args)
     if args.command == "sweep":
         from flows.sweep import run_sweep_cli
 
