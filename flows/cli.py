@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -131,10 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     # Each command imports what it needs, here rather than at the top: `presets` and `status` read
     # files only and must answer within 2 s (tests/flows/test_cli_fast.py keeps torch out), and
     # `status` has no use for the config sections, whose pydantic models take a while to build.
-    if args.command in ("presets", "status", "verify", "gc") and hasattr(signal, "SIGPIPE"):
-        # `tok1d presets | head` ends quietly, like any Unix tool, not in a BrokenPipeError. Only
-        # for these file-reading commands: elsewhere a closed socket must stay an exception.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if args.command in ("presets", "status", "verify", "gc"):
+        try:
+            code = _file_command(args)
+            sys.stdout.flush()  # a pipe's buffer: the error surfaces here, not at interpreter exit
+            return code
+        except BrokenPipeError:
+            # `tok1d presets | head`: the reader left. End quietly, like any Unix tool; the
+            # interpreter's final flush must not meet the closed pipe again. (Not SIGPIPE's default
+            # action: main() also runs inside other processes, e.g. the tests', which it would kill.)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+    try:
+        return _run_command(args)
+    except Exception as error:
+        if debug:
+            raise
+        print(f"tok1d: {args.command} failed: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _file_command(args: argparse.Namespace) -> int:
+    """The commands that only read files: presets, status, verify, gc."""
     if args.command == "presets":
         from tasks.presets import available_presets
 
@@ -149,17 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         from flows.verify import print_verification
 
         return print_verification(Path(args.store).expanduser(), args.stage)
-    if args.command == "gc":
-        from flows.gc import print_gc
+    from flows.gc import print_gc
 
-        return print_gc(Path(args.store).expanduser().resolve(), args.dry_run, args.resumable, args.artifacts)
-    try:
-        return _run_command(args)
-    except Exception as error:
-        if debug:
-            raise
-        print(f"tok1d: {args.command} failed: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
-        return 1
+    return print_gc(Path(args.store).expanduser().resolve(), args.dry_run, args.resumable, args.artifacts)
 
 
 def _one_line(error: Exception) -> str:

@@ -113,3 +113,16 @@ def test_a_closed_pipe_ends_presets_quietly():
     finally:
         os.close(write_end)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_the_cli_leaves_the_calling_process_signals_alone(capsys):
+    # main() also runs inside other processes (the tests'): SIGPIPE's default action there would
+    # kill them at the next write to a closed pipe or socket (it killed pytest-xdist workers).
+    import signal
+
+    from flows.cli import main
+
+    before = signal.getsignal(signal.SIGPIPE)
+    assert main(["presets"]) == 0
+    assert signal.getsignal(signal.SIGPIPE) == before
+    assert "smoke" in capsys.readouterr().out
