@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from flows.fanout import PrefectFanOut
 from flows.rate_limits import PrefectRateLimits
-from flows.secrets import PrefectSecrets
+from flows.prefect_secrets import PrefectSecrets
 from flows.ui import PrefectArtifacts
 from tasks.config import RuntimeConfig, Section
 from tasks.progress import attached_ui

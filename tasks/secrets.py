@@ -29,7 +29,7 @@ def redact(text: str) -> str:
 
 
 class SecretVault(Protocol):
-    """Named secrets kept by the orchestrator (flows/secrets.py: Prefect Secret blocks)."""
+    """Named secrets kept by the orchestrator (flows/prefect_secrets.py: Prefect Secret blocks)."""
 
     def load(self, name: str) -> str: ...
 

@@ -5,6 +5,7 @@ once)."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -37,3 +38,13 @@ def touches_sys_path(path: Path) -> bool:
 
 def test_no_test_module_edits_sys_path():
     assert [str(path.relative_to(TESTS)) for path in sorted(TESTS.rglob("test_*.py")) if touches_sys_path(path)] == []
+
+
+def test_no_project_module_shadows_the_standard_library():
+    # Prefect puts an entrypoint's folder (flows/) on sys.path when it loads a flow, and spawned
+    # worker processes inherit that path: a flows/secrets.py then replaced the stdlib `secrets`
+    # for pydantic in ingest's workers, which died importing it. (Entrypoints live only in flows/.)
+    root = TESTS.parent
+    clashes = [str(path.relative_to(root)) for path in (root / "flows").glob("*.py")
+               if path.stem in sys.stdlib_module_names and path.stem not in sys.builtin_module_names]
+    assert clashes == []

@@ -224,7 +224,7 @@ def test_key_from_prefect_secret_block(tmp_path, store, monkeypatch):
     # A real Secret block in a real (ephemeral) Prefect, read through the vault flows/ attaches.
     from prefect.blocks.system import Secret
 
-    from flows.secrets import PrefectSecrets
+    from flows.prefect_secrets import PrefectSecrets
     from tasks.secrets import attached_vault
 
     Secret(value="block-key-0123456789").save("gemini-key", overwrite=True)
