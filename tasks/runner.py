@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import lineage
+from tasks.allocator import reuse_freed_memory
 from tasks.cache import CacheSlot, git_revision, resolve_slot, stage_cache_key
 from tasks.code_version import code_version
 from tasks.config import RuntimeConfig, Section
-from tasks.allocator import reuse_freed_memory
 from tasks.cores import ThreadGovernor
 from tasks.fingerprints import record_commit, stat_folder
 from tasks.hashing import hash_value

@@ -53,6 +53,16 @@ class Shard:
         return self.stop - self.start
 
 
+@dataclass(frozen=True)
+class ShardResult:
+    """One shard's outcome: rows it covers, rows it encoded, whether this call computed it."""
+
+    name: str
+    rows: int
+    encoded: int
+    computed: bool
+
+
 def plan_shards(files: Sequence[Path], shard_rows: int) -> list[Shard]:
     """The shards of `files` (in manifest order): parts of `shard_rows` rows; an empty file still
     has one (empty) part, so every input file leaves a trace in the output."""

@@ -33,7 +33,7 @@ from tasks.embed_text.cache import (
     files_fingerprint,
 )
 from tasks.embed_text.encoders import TextEncoder, check_backend, encoder_class, load_encoder, resolve_model
-from tasks.shards import fan_out, shard_done
+from tasks.shards import ShardResult, fan_out, shard_done
 from tasks.stage import Stage, StageContext, StageOutput, fixed_inputs
 from tasks.store import Manifest, Store, TableRecord
 from tasks.tables import write_parquet_atomic
@@ -96,14 +96,6 @@ class CaptionShard:
     @property
     def name(self) -> str:
         return f"part-{self.index:05d}"
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    name: str
-    rows: int
-    encoded: int
-    computed: bool
 
 
 # One loaded encoder per process: a Ray worker loads it once for all the shards it is given.

@@ -35,7 +35,7 @@ from tasks.config import PretokenizeConfig
 from tasks.embed_text.read import TextSource
 from tasks.ingest.read import class_names, decode_images, image_resolution, iter_decoded_images
 from tasks.pretokenize.read import META_FILE, TABLE, decode_tokens, tokens_schema
-from tasks.shards import Shard, fan_out, iter_shard_batches, plan_shards, shard_done
+from tasks.shards import Shard, ShardResult, fan_out, iter_shard_batches, plan_shards, shard_done
 from tasks.stage import StageContext, StageOutput
 from tasks.store import Manifest, Store, TableRecord, write_json
 from tasks.tables import write_parquet_atomic
@@ -197,16 +197,6 @@ def load_setup(store_root: str, inputs: dict[str, Manifest], device: str) -> Set
     _SETUPS.clear()  # one run's tokenizer at a time: a long-lived worker must not pile them up
     _SETUPS[key] = setup
     return setup
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    """One shard's outcome: rows it covers, images it encoded, whether this call computed it."""
-
-    name: str
-    rows: int
-    encoded: int
-    computed: bool
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from builders.processes import free_port, stop_group
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,6 @@ class PrefectServer:
         return {run["id"]: (run.get("state") or {}).get("type") for run in runs}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _healthy(api: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api}/health", timeout=2):
@@ -56,7 +50,7 @@ def _healthy(api: str) -> bool:
 @contextmanager
 def prefect_server(home: Path, log_path: Path, timeout_s: float = 180.0) -> Iterator[PrefectServer]:
     """Serve the Prefect API (its database under `home`) for the block, then stop it."""
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -75,10 +69,5 @@ def prefect_server(home: Path, log_path: Path, timeout_s: float = 180.0) -> Iter
             time.sleep(0.5)
         yield PrefectServer(api)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)
         log.close()

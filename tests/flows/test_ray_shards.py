@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +18,7 @@ from prefect import flow  # noqa: E402
 
 from builders.caption import caption_artifact  # noqa: E402
 from builders.ingest import ingest_artifact  # noqa: E402
+from builders.processes import kill_when_ready  # noqa: E402
 from builders.tokenizer import random_tokenizer  # noqa: E402
 from flows.fanout import PrefectFanOut  # noqa: E402
 from flows.stage_task import run_stage_in_flow  # noqa: E402
@@ -108,24 +104,6 @@ stage.run_pretokenize(ctx)
 """
 
 
-def kill_after_parts(tmp_path: Path, args: list[str], parts: Path, count: int, timeout_s: float = 120) -> None:
-    """Run KILL_SCRIPT in a child process and SIGKILL it once `count` token parts exist."""
-    log = open(tmp_path / "kill.log", "wb")
-    child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], cwd=REPO, stdout=log,
-                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        deadline = time.monotonic() + timeout_s
-        while len(list(parts.glob("part-*.parquet"))) < count:
-            assert child.poll() is None, (tmp_path / "kill.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no {count} token parts within {timeout_s} s"
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-        log.close()
-
-
 @flow(name="ray-shards-resume-test")
 def resume_flow(store_root: str, inputs: dict[str, Manifest], runtime: RuntimeConfig, work: str) -> dict:
     """run_pretokenize in a Prefect flow with the fan-out flows/ attaches to stage tasks."""
@@ -140,7 +118,8 @@ def test_killed_fan_out_resumes_on_ray_with_only_the_missing_shards(tmp_path, se
     parts = work / "output" / "tokens"
     args = [str(store.root), json.dumps({k: m.model_dump_json() for k, m in inputs.items()}), str(work),
             CONFIG.model_dump_json()]
-    kill_after_parts(tmp_path, args, parts, 2)
+    kill_when_ready(tmp_path, KILL_SCRIPT, args, lambda: len(list(parts.glob("part-*.parquet"))) >= 2,
+                    "2 token parts", timeout_s=120)
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob("part-*.parquet")}
     assert 2 <= len(before) < 6, sorted(before)
 

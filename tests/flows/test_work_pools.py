@@ -15,8 +15,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -26,6 +24,7 @@ import duckdb
 import pytest
 import yaml
 
+from builders.processes import free_port, stop_group
 from flows.cluster_pipeline import STAGE_POOLS, PoolRun, plan_pool_runs, pool_of
 from flows.run_plan import stages_to_run
 from tasks.presets import load_config
@@ -43,26 +42,10 @@ CLUSTER_POOLS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prefect(*args: str, env: dict, cwd: Path = REPO, timeout: float = 300) -> str:
     done = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +73,7 @@ def server(tmp_path_factory):
         deployed = prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(CLUSTER_YAML), env=env)
         yield {"api": api, "env": env, "home": home, "deploy_output": deployed}
     finally:
-        stop(process)
+        stop_group(process)
         log.close()
 
 
@@ -351,7 +334,7 @@ def test_cluster_pipeline_runs_cpu_and_gpu_stages_on_their_pools(server, tmp_pat
             children = run_async(server["api"], child_runs)
     finally:
         for worker in workers:  # the workers before the server (the module fixture stops it)
-            stop(worker)
+            stop_group(worker)
     logs = "\n".join((tmp_path / f"worker-{role}.log").read_text()[-2000:] for role in pools)
 
     assert set(ran) == {"ingest", "caption", "embed-text"}, logs

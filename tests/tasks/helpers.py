@@ -1,4 +1,5 @@
-"""Helpers shared by the stage tests: running a stage in a child process and killing it.
+"""Helpers shared by the stage tests: running a stage in a child process and killing it
+(`builders.processes.kill_when_ready`).
 
 Importable as `helpers` (tests/tasks/conftest.py puts this folder on sys.path); the artifacts
 tests start from are built by `builders`.
@@ -7,44 +8,13 @@ tests start from are built by `builders`.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Callable
 
+from builders.processes import kill_when_ready
 from tasks.config import TrainTokenizerConfig
 from tasks.store import Manifest, Store
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def kill_when_ready(tmp_path: Path, script: str, args: list[str], ready: Callable[[], bool], what: str,
-                    timeout_s: int) -> None:
-    """Run `script` as a child Python process of this repository and SIGKILL it once `ready()` holds.
-
-    The child writes to tmp_path/kill.log, whose tail is the failure message if the child exits
-    before `ready()`, or "no <what> within <timeout_s> s" if `ready()` takes longer.
-    """
-    (tmp_path / "kill.py").write_text(script)
-    log = open(tmp_path / "kill.log", "wb")
-    child = subprocess.Popen(
-        [sys.executable, str(tmp_path / "kill.py"), *args],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not ready():
-            assert child.poll() is None, (tmp_path / "kill.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-        log.close()
 
 
 # The train-tokenizer stage in a child process: argv store root, inputs json, config json, work folder.

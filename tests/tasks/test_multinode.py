@@ -7,7 +7,6 @@ when the config loads."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from tasks.presets import load_config
 from tasks.runner import execute_stage
 from tasks.store import Store
 
+from builders.processes import free_port
 from builders.tokenizer import tiny_config, train_and_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,12 +41,6 @@ runtime = RuntimeConfig(device="cpu", processes=1, threads=1, nnodes=2, node_ran
 result = execute_stage("train-tokenizer", config, inputs, Store(store_root), runtime, run_id=f"node-{node_rank}")
 Path(out).write_text(json.dumps({"artifact": result.manifest.artifact_id, "cache_hit": result.cache_hit}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_nodes_match_one_process_and_node_zero_commits(tmp_path):

@@ -24,7 +24,7 @@ from tasks.train_tokenizer.read import load_tokenizer
 from builders.fashion import IMAGES, build_inputs
 from builders.store import commit_output
 from builders.tokenizer import tiny_config, train_and_commit
-from helpers import kill_when_ready
+from builders.processes import kill_when_ready
 
 
 @pytest.fixture(scope="module")
