@@ -34,7 +34,8 @@ def _debug(parser: argparse.ArgumentParser) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", help="preset name in configs/ or a YAML path")
-    parser.add_argument("--store", default=DEFAULT_STORE, help="artifact store directory (default: %(default)s)")
+    parser.add_argument("--store", default=DEFAULT_STORE, help="artifact store: a directory, or object storage such as s3://bucket/prefix "
+                             "(default: %(default)s)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set ingest.source.max_images=500 (repeatable)",
@@ -158,17 +159,19 @@ def _file_command(args: argparse.Namespace) -> int:
         for name, description in available_presets().items():
             print(f"{name:<24}{description}")
         return 0
+    from tasks.store import local_root
+
     if args.command == "status":
         from flows.status import print_status
 
-        return print_status(Path(args.store))
+        return print_status(local_root(args.store))
     if args.command == "verify":
         from flows.verify import print_verification
 
-        return print_verification(Path(args.store).expanduser(), args.stage)
+        return print_verification(local_root(args.store), args.stage)
     from flows.gc import print_gc
 
-    return print_gc(Path(args.store).expanduser().resolve(), args.dry_run, args.resumable, args.artifacts)
+    return print_gc(local_root(args.store), args.dry_run, args.resumable, args.artifacts)
 
 
 def _one_line(error: Exception) -> str:
@@ -205,7 +208,9 @@ def _run_command(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"tok1d: {error}", file=sys.stderr)
         return 2
-    store = Path(args.store).expanduser().resolve()
+    from tasks.store import local_root
+
+    store = local_root(args.store)
     flow_name = "full-pipeline" if until is None else f"stage-{until}"
     if not args.flow and (store / "cache").is_dir():
         from flows.run_plan import plan_cached_run, record_cached_run, summaries
@@ -213,7 +218,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
         cached = plan_cached_run(config, Store(store), until)
         if cached is not None:
-            results = record_cached_run(config, Store(store), cached, preset=args.preset, flow=flow_name)
+            results = record_cached_run(config, Store(store), cached, preset=args.preset, flow=flow_name,
+                                        overrides=args.overrides)
             print(f"every stage of {flow_name} is cached: answered from the store without starting Prefect "
                   "(--flow starts the flow anyway)")
             _print_results(summaries(results), store)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Callable
 
 
@@ -26,7 +25,9 @@ def export_mlflow_cli(args: argparse.Namespace) -> int:
     from tasks.export.mlflow import MlflowTarget, export_mlflow
     from tasks.store import Store
 
-    root = Path(args.store).expanduser().resolve()
+    from tasks.store import local_root
+
+    root = local_root(args.store)
     if not (root / "lineage").is_dir():  # checked before Store(), which would create the folders
         raise FileNotFoundError(f"no tok1d lineage at {root} (no lineage/ folder); pass --store or set TOK1D_STORE")
     store = Store(root)

@@ -139,7 +139,7 @@ def print_status(root: Path) -> int:
         fixed = connection.execute(FIXED_FAILURES_SQL).fetchone()[0]
     finally:
         connection.close()
-    print(f"store: {store.root}")
+    print(f"store: {store.location}" + (f" (mirror {store.root})" if store.remote is not None else ""))
     print(f"runs: {total} ({failed} failed" + (f", {rerun} of them rerun to completion" if rerun else "")
           + (f", {killed} killed" if killed else "") + ")")
     if latest_run:

@@ -838,7 +838,9 @@ def run_sweep_cli(args) -> int:
     except ConfigError as error:
         print(f"tok1d: {error}", file=sys.stderr)
         return 2
-    store = Path(args.store).expanduser().resolve()
+    from tasks.store import local_root
+
+    store = local_root(args.store)
     if jobs > 1 and part is None:
         # The children compute the points; the pass below finds them cached and writes the tables.
         run_jobs(Namespace(**{**vars(args), "store": store}), jobs)

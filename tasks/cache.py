@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tasks.fingerprints import verified_hit
 from tasks.hashing import hash_value
+from tasks.mirror import pull_artifact
 from tasks.store import Manifest, Store
 
 MAX_SLOTS = 1000
@@ -73,11 +74,14 @@ def resolve_slot(store: Store, stage: str, key: str) -> CacheSlot:
 
     Intact = every file's stat matches its fingerprint, or its bytes still have the recorded
     sha256; this is called several times per cached run (Prefect's cache policy, the runner), so
-    a matching fingerprint reads no artifact bytes."""
+    a matching fingerprint reads no artifact bytes. On a remote store, the artifact of a record is
+    first pulled into the mirror (tasks/mirror.py); one that cannot be pulled intact is skipped."""
     for slot in range(MAX_SLOTS):
         manifest, complete = store.read_cache_record(stage, key, slot)
         if manifest is None and complete:
             return CacheSlot(key, slot, None)
+        if manifest is not None and complete and store.remote is not None and not pull_artifact(store, manifest):
+            continue
         if manifest is not None and complete and verified_hit(store, manifest):
             return CacheSlot(key, slot, manifest)
     raise RuntimeError(f"{stage}: {MAX_SLOTS} invalidated cache slots for key {key}; clean {store.root / 'cache'}")

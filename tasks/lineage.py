@@ -163,8 +163,9 @@ def append(store: Store, table: str, rows: list[dict[str, Any]]) -> None:
     schema = SCHEMAS[table]
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
     arrow = pa.table(columns, schema=schema)
-    name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
-    write_parquet_atomic(arrow, _table_dir(store, table) / name)
+    path = _table_dir(store, table) / f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
+    write_parquet_atomic(arrow, path)
+    store.publish(path)
 
 
 def _ensure_seed_files(store: Store) -> None:
@@ -233,6 +234,7 @@ def ensure_database(store: Store, attempts: int = 20) -> bool:
     give up quietly: the records are safe in Parquet and the views are created on a later run.
     """
     _ensure_seed_files(store)
+    store.pull_folder("lineage")
     warn_damaged(store)
     # The views hold absolute paths: redefine them if the store moved or the views changed.
     marker = store.root / "lineage" / ".views"
@@ -275,8 +277,10 @@ def warn_damaged(store: Store) -> list[Path]:
 
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with the lineage views: never locks the experiments file; damaged
-    lineage files are skipped with a warning."""
+    lineage files are skipped with a warning. On a remote store, the records other machines wrote
+    are pulled into the mirror first."""
     _ensure_seed_files(store)
+    store.pull_folder("lineage")
     connection = duckdb.connect()
     define_views(connection, store, temporary=True, skip=frozenset(warn_damaged(store)))
     return connection

@@ -127,7 +127,7 @@ def execute_stage(
     locked_slot = plan.slot.slot_key
     work_dir = store.work_dir(stage_name, locked_slot)
     # One process at a time computes a given cache slot (others wait, then hit the cache).
-    with exclusive_lock(work_dir / ".lock"):
+    with store.slot_lock(stage_name, locked_slot):
         # Another process may have finished this very run while we waited for the lock.
         plan = plan_stage_run(stage_name, section, inputs, store)
         if plan.slot.manifest is not None:

@@ -6,11 +6,19 @@ Layout of a store directory:
     work/<stage>/<cache_key>/          in-progress state of a stage run (shards, checkpoints)
     cache/<stage>/<cache_key>.<n>.json cache index: the manifest a cache key produced
     lineage/<table>/*.parquet          append-only lineage records (see tasks/lineage.py)
-    prefect-results/                   Prefect result storage, shared by every worker
     experiments.duckdb                 views over the lineage records
 
 Every file is written under a temporary name and renamed into place, so a kill never leaves a
-half-written file that looks whole.
+half-written file that looks whole. Prefect persists no results here: the cache records are
+tok1d's results (flows/stage_task.py).
+
+A store can also live on object storage (`Store("s3://bucket/prefix")`, any fsspec URL): then
+`root` is a local mirror of it (`TOK1D_STORE_MIRROR`, by default under ~/.cache/tok1d/mirrors/)
+where stages work as on a local store, and artifacts, cache records and lineage records travel
+to and from the shared copy (tasks/remote_store.py says in what order, and why that is safe).
+The mirror remembers its URL (`remote.json`), so `Store(<mirror>)` in a worker process is the
+same remote store. Work directories and leases stay in the mirror: an unfinished run resumes on
+the machine that ran it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -31,8 +40,12 @@ from typing import Any, Iterator
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.hashing import hash_value, sha256_file
+from tasks.remote_store import RemoteStore, is_remote_url
 
 MANIFEST_NAME = "manifest.json"
+# In a mirror: the URL of the store it mirrors.
+REMOTE_MARKER = "remote.json"
+MIRROR_ENV = "TOK1D_STORE_MIRROR"
 
 
 class FileRecord(BaseModel):
@@ -152,17 +165,96 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{writer_tag()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
+def local_root(location: str | Path) -> Path:
+    """The directory tok1d works in for the store a user named: the store itself, or the mirror
+    of a remote one (attached, and its bucket checked, on first use)."""
+    if is_remote_url(location):
+        return Store(location).root
+    return Path(str(location).removeprefix("file://")).expanduser().resolve()
+
+
+def default_mirror(url: str) -> Path:
+    """Where the mirror of the store at `url` lives unless `TOK1D_STORE_MIRROR` says otherwise."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", url).strip("-")[:80]
+    return cache / "tok1d" / "mirrors" / f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
 class Store:
-    """A directory holding every artifact, cache record and lineage record of a project."""
+    """A directory holding every artifact, cache record and lineage record of a project, or the
+    local mirror of one on object storage (`remote`)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
-        for sub in ("artifacts", "work", "cache", "lineage", "prefect-results"):
+        self.remote: RemoteStore | None = None
+        if is_remote_url(root):
+            url = str(root).rstrip("/")
+            mirror = os.environ.get(MIRROR_ENV)
+            self.root = Path(mirror).expanduser().resolve() if mirror else default_mirror(url)
+            self._attach(url)
+        else:
+            self.root = Path(str(root).removeprefix("file://")).expanduser().resolve()
+            marker = self.root / REMOTE_MARKER
+            if marker.is_file():
+                self.remote = RemoteStore(json.loads(marker.read_text())["url"])
+        for sub in ("artifacts", "work", "cache", "lineage"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
+    def _attach(self, url: str) -> None:
+        marker = self.root / REMOTE_MARKER
+        if marker.is_file():
+            mirrored = json.loads(marker.read_text())["url"]
+            if mirrored != url:
+                raise ValueError(f"{self.root} mirrors the store {mirrored}, not {url}: set {MIRROR_ENV} to "
+                                 "another folder (one mirror per store)")
+            self.remote = RemoteStore(url)
+            return
+        self.remote = RemoteStore(url)
+        self.remote.check_reachable()
+        if self.root.exists() and any(self.root.iterdir()):
+            raise ValueError(f"{self.root} is not empty and mirrors no store: give {url} its own {MIRROR_ENV}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps({"url": url}))
+
     @property
-    def results_dir(self) -> Path:
-        return self.root / "prefect-results"
+    def location(self) -> str:
+        """What the user named: the store's URL, or its directory."""
+        return self.remote.url if self.remote is not None else str(self.root)
+
+    def publish(self, path: Path) -> None:
+        """Upload a finished file of the mirror to the same place in the remote store (a local
+        store has nothing to do)."""
+        if self.remote is not None:
+            self.remote.put_file(path, path.relative_to(self.root).as_posix())
+
+    def pull_folder(self, relative_dir: str) -> int:
+        """Download the remote files under `relative_dir` that the mirror lacks (immutable files
+        with unique names, such as lineage records); how many it downloaded."""
+        if self.remote is None:
+            return 0
+        pulled = 0
+        for relative in self.remote.list_files(relative_dir):
+            local = self.root / relative
+            if local.name.startswith((".", "_")) or local.exists():
+                continue
+            tmp = temporary_path(local)
+            try:
+                self.remote.get_file(relative, tmp)
+                os.replace(tmp, local)
+            finally:
+                tmp.unlink(missing_ok=True)
+            pulled += 1
+        return pulled
+
+    @contextmanager
+    def slot_lock(self, stage: str, slot_key: str) -> Iterator[None]:
+        """Held while one process computes a cache slot: a file lock in the work dir, and on a
+        remote store also the slot's lock object, so processes on other machines wait too."""
+        with exclusive_lock(self.work_dir(stage, slot_key) / ".lock"):
+            if self.remote is None:
+                yield
+            else:
+                with self.remote.lock(f"{stage}/{slot_key}", f"{stage} {slot_key[:12]}"):
+                    yield
 
     @property
     def duckdb_path(self) -> Path:
@@ -215,11 +307,26 @@ class Store:
             if existing is not None and not existing.problems(self):
                 # Same content already stored (e.g. a deterministic recompute): keep the original.
                 shutil.rmtree(source_dir, ignore_errors=True)
+                self._push_artifact(existing)
                 return manifest.model_copy(update={"created_at": existing.created_at})
             shutil.rmtree(target)
         atomic_write_text(source_dir / MANIFEST_NAME, manifest.model_dump_json(indent=2))
         os.replace(source_dir, target)
+        self._push_artifact(manifest)
         return manifest
+
+    def _push_artifact(self, manifest: Manifest) -> None:
+        """Upload an artifact's files, then its manifest (a reader trusts nothing before that).
+        Files already there at their size are kept: the path is content-addressed, and a pull
+        checks every sha256 anyway."""
+        if self.remote is None:
+            return
+        directory = self.root / manifest.root
+        for record in manifest.files:
+            relative = f"{manifest.root}/{record.path}"
+            if self.remote.size(relative) != record.bytes:
+                self.remote.put_file(directory / record.path, relative)
+        self.remote.put_file(directory / MANIFEST_NAME, f"{manifest.root}/{MANIFEST_NAME}")
 
     @staticmethod
     def read_manifest_in(directory: Path) -> Manifest | None:
@@ -234,9 +341,16 @@ class Store:
         return self.root / "cache" / stage / f"{cache_key}.{slot}.json"
 
     def read_cache_record(self, stage: str, cache_key: str, slot: int) -> tuple[Manifest | None, bool]:
-        """(manifest, complete) of a slot; (None, True) if the slot is free."""
+        """(manifest, complete) of a slot; (None, True) if the slot is free. On a remote store the
+        remote record decides (another machine may have filled the slot), and is kept in the mirror."""
         path = self.cache_record_path(stage, cache_key, slot)
-        if not path.exists():
+        if self.remote is not None:
+            data = self.remote.read_bytes(path.relative_to(self.root).as_posix())
+            if data is None:
+                return None, True
+            if not path.exists() or path.read_bytes() != data:
+                atomic_write_bytes(path, data)
+        elif not path.exists():
             return None, True
         try:
             record = json.loads(path.read_text())
@@ -247,8 +361,11 @@ class Store:
     def write_cache_record(
         self, stage: str, cache_key: str, slot: int, manifest: Manifest, complete: bool = True
     ) -> None:
+        """Record what a slot holds; on a remote store after the artifact's manifest is there."""
         record = {"complete": complete, "manifest": manifest.model_dump(mode="json")}
-        atomic_write_text(self.cache_record_path(stage, cache_key, slot), json.dumps(record, indent=2))
+        path = self.cache_record_path(stage, cache_key, slot)
+        atomic_write_text(path, json.dumps(record, indent=2))
+        self.publish(path)
 
     def cache_records(self) -> list[tuple[str, str, Manifest, bool]]:
         """(stage, slot key, manifest, complete) for every cache record in the store."""

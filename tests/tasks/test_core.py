@@ -11,42 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.registry as registry
 from tasks import lineage
 from tasks.config import ConfigError, IngestConfig, RuntimeConfig
 from tasks.presets import load_config
 from tasks.runner import execute_stage
-from tasks.stage import Stage, StageOutput, fixed_inputs
-from tasks.store import Store, TableRecord
+from tasks.store import Store
 
-CALLS: list[str] = []
-
-
-def _write_numbers(ctx, n: int, name: str) -> StageOutput:
-    CALLS.append(ctx.stage)
-    pq.write_table(pa.table({"x": list(range(n))}), ctx.output_dir / f"{name}.parquet")
-    return StageOutput(tables={name: TableRecord(glob=f"{name}.parquet", rows=n, columns={"x": "int64"})},
-                       summary={"count": n})
-
-
-def _first(ctx):
-    return _write_numbers(ctx, ctx.config.resolution, "first")
-
-
-def _second(ctx):
-    return _write_numbers(ctx, ctx.inputs["first"].rows * 2, "second")
-
-
-def toy_stage(name: str, run, inputs: tuple[str, ...] = (), extra_files: tuple[str, ...] = ()) -> Stage:
-    return Stage(name, "toy", IngestConfig, fixed_inputs(*inputs), run, code="tasks.hashing", extra_files=extra_files)
-
-
-TOY_STAGES = {"first": toy_stage("first", _first), "second": toy_stage("second", _second, ("first",))}
-
-
-def use_stages(monkeypatch, stages: dict[str, Stage]) -> None:
-    for name, stage in stages.items():
-        monkeypatch.setitem(registry.stages(), name, stage)
+from builders.toy_stages import CALLS, TOY_STAGES, _first, toy_stage, use_stages
 
 
 @pytest.fixture
