@@ -165,7 +165,11 @@ def append(store: Store, table: str, rows: list[dict[str, Any]]) -> None:
     arrow = pa.table(columns, schema=schema)
     path = _table_dir(store, table) / f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
     write_parquet_atomic(arrow, path)
-    store.publish(path)
+    try:
+        store.publish(path)
+    except OSError as error:  # the record is safe in the mirror; `sync_folder` uploads it later
+        log.warning("lineage: could not upload %s to %s (%s); the next tok1d command on this machine uploads it",
+                    path.name, store.location, error)
 
 
 def _ensure_seed_files(store: Store) -> None:
@@ -234,7 +238,7 @@ def ensure_database(store: Store, attempts: int = 20) -> bool:
     give up quietly: the records are safe in Parquet and the views are created on a later run.
     """
     _ensure_seed_files(store)
-    store.pull_folder("lineage")
+    store.sync_folder("lineage")
     warn_damaged(store)
     # The views hold absolute paths: redefine them if the store moved or the views changed.
     marker = store.root / "lineage" / ".views"
@@ -278,9 +282,9 @@ def warn_damaged(store: Store) -> list[Path]:
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with the lineage views: never locks the experiments file; damaged
     lineage files are skipped with a warning. On a remote store, the records other machines wrote
-    are pulled into the mirror first."""
+    are pulled into the mirror first (and any this one could not upload, pushed)."""
     _ensure_seed_files(store)
-    store.pull_folder("lineage")
+    store.sync_folder("lineage")
     connection = duckdb.connect()
     define_views(connection, store, temporary=True, skip=frozenset(warn_damaged(store)))
     return connection

@@ -226,13 +226,15 @@ class Store:
         if self.remote is not None:
             self.remote.put_file(path, path.relative_to(self.root).as_posix())
 
-    def pull_folder(self, relative_dir: str) -> int:
-        """Download the remote files under `relative_dir` that the mirror lacks (immutable files
-        with unique names, such as lineage records); how many it downloaded."""
+    def sync_folder(self, relative_dir: str) -> int:
+        """Exchange the immutable, uniquely named files under `relative_dir` (lineage records)
+        with the remote store: download those the mirror lacks and upload those the remote lacks
+        (written while it could not be reached); how many files moved."""
         if self.remote is None:
             return 0
-        pulled = 0
-        for relative in self.remote.list_files(relative_dir):
+        remote = set(self.remote.list_files(relative_dir))
+        moved = 0
+        for relative in sorted(remote):
             local = self.root / relative
             if local.name.startswith((".", "_")) or local.exists():
                 continue
@@ -242,8 +244,13 @@ class Store:
                 os.replace(tmp, local)
             finally:
                 tmp.unlink(missing_ok=True)
-            pulled += 1
-        return pulled
+            moved += 1
+        for local in sorted((self.root / relative_dir).rglob("*")):
+            relative = local.relative_to(self.root).as_posix()
+            if local.is_file() and not local.name.startswith((".", "_")) and relative not in remote:
+                self.publish(local)
+                moved += 1
+        return moved
 
     @contextmanager
     def slot_lock(self, stage: str, slot_key: str) -> Iterator[None]:
@@ -346,6 +353,8 @@ class Store:
         path = self.cache_record_path(stage, cache_key, slot)
         if self.remote is not None:
             data = self.remote.read_bytes(path.relative_to(self.root).as_posix())
+            if data is None and path.exists():
+                data = self._finish_publishing(path)
             if data is None:
                 return None, True
             if not path.exists() or path.read_bytes() != data:
@@ -357,6 +366,21 @@ class Store:
             return Manifest.model_validate(record["manifest"]), bool(record["complete"])
         except (ValueError, KeyError):
             return None, False  # unreadable record: treat the slot as used, never trust it
+
+    def _finish_publishing(self, path: Path) -> bytes | None:
+        """A slot recorded here but not on the remote store: its run committed, then lost the
+        connection before the upload ended. Upload the artifact and the record now if the mirror's
+        copy is intact (every file re-hashed: a rare path); else the slot is free."""
+        try:
+            record = json.loads(path.read_text())
+            manifest = Manifest.model_validate(record["manifest"])
+        except (ValueError, KeyError):
+            return None
+        if not record.get("complete") or self.read_manifest_in(self.root / manifest.root) is None or manifest.problems(self):
+            return None
+        self._push_artifact(manifest)
+        self.publish(path)
+        return path.read_bytes()
 
     def write_cache_record(
         self, stage: str, cache_key: str, slot: int, manifest: Manifest, complete: bool = True

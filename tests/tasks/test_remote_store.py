@@ -107,6 +107,38 @@ def test_a_killed_pull_leaves_nothing_trusted_and_the_next_completes_it(tmp_path
     assert CALLS == ["first"]
 
 
+def test_uploads_cut_off_by_a_lost_connection_are_finished_by_the_next_run(tmp_path, monkeypatch, url, toy, caplog):
+    a = machine(tmp_path, monkeypatch, url, "a")
+    put_file = RemoteStore.put_file
+    unreachable = []
+
+    def lost_connection(self, local, relative):
+        if relative.startswith(tuple(unreachable)):
+            raise ConnectionError(f"connection reset uploading {relative}")
+        return put_file(self, local, relative)
+
+    monkeypatch.setattr(RemoteStore, "put_file", lost_connection)
+    # The connection drops after the artifact is uploaded, before its cache record is.
+    unreachable[:] = ["cache/"]
+    with pytest.raises(ConnectionError):
+        execute_stage("first", IngestConfig(resolution=5), {}, a)
+    assert not RemoteStore(url).list_files("cache")
+    unreachable[:] = ["lineage/"]  # now lineage uploads fail: the records wait in the mirror
+    again = execute_stage("first", IngestConfig(resolution=5), {}, a)  # the commit stands: published now
+    assert again.cache_hit and CALLS == ["first"]
+    assert "could not upload" in caplog.text
+    unreachable.clear()
+
+    b = machine(tmp_path, monkeypatch, url, "b")
+    hit = execute_stage("first", IngestConfig(resolution=5), {}, b)
+    assert hit.cache_hit and hit.manifest.artifact_id == again.manifest.artifact_id
+    # The records a could not upload reach the bucket with a's next look at its lineage.
+    lineage.connect(a).close()
+    events = lineage.connect(b).execute(
+        "select status, cache_hit from stage_events where stage = 'first' order by event_time").fetchall()
+    assert events == [("running", False), ("failed", False), ("completed", True), ("completed", True)]
+
+
 def test_the_slot_lock_makes_another_machine_wait(url):
     one, other = RemoteStore(url), RemoteStore(url)
     order, held = [], []
