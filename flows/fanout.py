@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RuntimeConfig
+from tasks.shards import ShardNeeds
 
 log = logging.getLogger("tok1d")
 R = TypeVar("R")
@@ -63,18 +64,53 @@ def _ray_runner(runtime: RuntimeConfig):
     return RayTaskRunner(init_kwargs=init)
 
 
+def wants_gpu(runtime: RuntimeConfig, needs: ShardNeeds, cluster_gpus: float) -> bool:
+    """Whether a shard task asks Ray for GPUs: one that computes on the device, with
+    `runtime.device: cuda`, or `auto` on a cluster that has GPUs (a task without num_gpus sees none)."""
+    if not needs.device:
+        return False
+    return runtime.device == "cuda" or (runtime.device == "auto" and cluster_gpus >= 1)
+
+
+def ray_options(runtime: RuntimeConfig, needs: ShardNeeds, cluster: dict[str, float]) -> dict[str, float]:
+    """The options every shard task of a stage is submitted with (`remote_options`): its CPUs, and
+    `runtime.ray_gpus_per_shard` GPUs where it computes on one, so Ray places N shards on N GPUs
+    (and makes each one's GPU visible to it). `cluster` is `ray.cluster_resources()`."""
+    options: dict[str, float] = {"num_cpus": needs.cpus}
+    if wants_gpu(runtime, needs, cluster.get("GPU", 0.0)):
+        options["num_gpus"] = runtime.ray_gpus_per_shard
+    return options
+
+
+def check_fits(stage: str, options: dict[str, float], cluster: dict[str, float], runtime: RuntimeConfig) -> None:
+    """A clear error instead of tasks Ray can never schedule (they would wait forever) on a local
+    Ray; an existing cluster may add nodes, so there it is a warning."""
+    short = [f"{options[key]:g} {name} per shard, the cluster has {cluster.get(name, 0.0):g}"
+             for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")) if options.get(key, 0) > cluster.get(name, 0.0)]
+    if not short:
+        return
+    advice = ("lower runtime.data_workers / runtime.threads (ingest's processes per shard), raise "
+              "runtime.ray_workers, or use runtime.device=cpu")
+    message = f"{stage}: its shard tasks ask Ray for {'; '.join(short)}: {advice}"
+    if runtime.ray_address is None:
+        raise RuntimeError(message)
+    log.warning("%s (waiting for the cluster at %s to grow)", message, runtime.ray_address)
+
+
 class PrefectFanOut:
     """`tasks.shards.FanOut` as Prefect task runs: inline, or submitted to Ray in shard order
     with at most `runtime.ray_workers` shards in flight (all, when unset)."""
 
-    def map(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any) -> Iterator[R]:
+    def map(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any,
+            needs: ShardNeeds) -> Iterator[R]:
         if runtime.task_runner == "ray" and shards:
-            yield from self._on_ray(stage, fn, shards, runtime)
+            yield from self._on_ray(stage, fn, shards, runtime, needs)
             return
         for shard in shards:
             yield shard_task(fn, shard, stage)
 
-    def _on_ray(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: RuntimeConfig) -> Iterator[R]:
+    def _on_ray(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: RuntimeConfig,
+                needs: ShardNeeds) -> Iterator[R]:
         runner = _ray_runner(runtime)
         import ray
         from prefect_ray.context import remote_options
@@ -83,12 +119,12 @@ class PrefectFanOut:
         with ExitStack() as stack:
             stack.enter_context(runner)
             _api_for_workers(stack)
-            # A CUDA run asks Ray for one GPU per shard task, so Ray places one shard per GPU (and
-            # makes it visible: a task without num_gpus sees none). `auto` does where Ray has GPUs.
-            gpus = runtime.device == "cuda" or (runtime.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-            stack.enter_context(remote_options(num_cpus=1, **({"num_gpus": 1} if gpus else {})))
-            log.info("%s: %d shards on Ray (%s), at most %d at a time", stage, len(shards),
-                     runtime.ray_address or "local", window)
+            cluster = ray.cluster_resources()
+            options = ray_options(runtime, needs, cluster)
+            check_fits(stage, options, cluster, runtime)
+            stack.enter_context(remote_options(**options))
+            log.info("%s: %d shards on Ray (%s), at most %d at a time, each with %s", stage, len(shards),
+                     runtime.ray_address or "local", window, ", ".join(f"{k}={v:g}" for k, v in options.items()))
             todo, running = deque(shards), deque()
             try:
                 while todo or running:

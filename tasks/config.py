@@ -417,6 +417,9 @@ class EvaluateConfig(Section):
     # Local CLIP checkpoint (transformers format) for CLIP score of text-conditioned runs.
     clip_path: str | None = None
     grid_images: int = 64
+    # Samples per shard of the fan-out (one `samples` part and its Inception features each).
+    # Shard 0 draws from `seed` itself, so an evaluation of one shard equals the unsharded loop.
+    shard_rows: int = 1024
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -433,12 +436,16 @@ class RuntimeConfig(Section):
     processes: int | None = None
     # DataLoader-style decoding workers for image batches (0 = in the training process).
     data_workers: int = 0
-    # Where sharded stages (embed-text, pretokenize) run their shards, one Prefect task each: here,
-    # or on Ray (prefect-ray's RayTaskRunner) at `ray_address` (None: a local Ray on 127.0.0.1
-    # with `ray_workers` CPUs, default all). Shard boundaries never depend on these (tasks/shards.py).
+    # Where sharded stages (ingest, embed-text, pretokenize, evaluate) run their shards, one Prefect
+    # task each: here, or on Ray (prefect-ray's RayTaskRunner) at `ray_address` (None: a local Ray
+    # on 127.0.0.1 with `ray_workers` CPUs, default all). Shard boundaries never depend on these
+    # (tasks/shards.py).
     task_runner: Literal["in-process", "ray"] = "in-process"
     ray_address: str | None = None
     ray_workers: int | None = None
+    # GPUs each device-bound shard task (embed-text, pretokenize, evaluate) asks Ray for when it
+    # computes on cuda: 1 = one shard per GPU; 0.5 = two shards share one.
+    ray_gpus_per_shard: float = 1.0
     # Multi-node training (torchrun): `processes` per node on `nnodes` nodes that meet at the c10d
     # rendezvous on HOST:PORT (served by the agent on that host). Node 0's stage commits the
     # artifact; the others train, then return it (README: Training on several nodes).
@@ -473,4 +480,7 @@ class RuntimeConfig(Section):
             raise ValueError(f"runtime.ray_workers must be >= 1 (or unset: all CPUs), got {self.ray_workers}")
         if self.task_runner != "ray" and (self.ray_address is not None or self.ray_workers is not None):
             raise ValueError("runtime.ray_address and runtime.ray_workers need runtime.task_runner=ray")
+        if not self.ray_gpus_per_shard > 0:
+            raise ValueError(f"runtime.ray_gpus_per_shard must be > 0 (e.g. 1, or 0.5 for two shards per GPU), "
+                             f"got {self.ray_gpus_per_shard}")
         return self

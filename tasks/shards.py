@@ -10,7 +10,9 @@ and reads back is done: a killed fan-out, run again, computes only the missing s
 
 tasks/ never imports Prefect or Ray: `fan_out` runs the shards in a plain loop unless the
 orchestrator attached another `FanOut` (flows/fanout.py: one Prefect task per shard, in-process
-or on Ray's task runner per `runtime.task_runner`).
+or on Ray's task runner per `runtime.task_runner`). What one shard task needs (`ShardNeeds`: CPU
+cores, whether it computes on `runtime.device`) is the stage's to say; the fan-out turns it into
+a resource request where it has one to make (Ray's `num_cpus` / `num_gpus`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,25 @@ class ShardResult:
     rows: int
     encoded: int
     computed: bool
+    # Seconds of the shard's main work when computed (e.g. evaluate's generation), else 0.
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ShardNeeds:
+    """What one shard task of a stage uses while it runs.
+
+    cpus:   the processes it keeps busy (ingest's worker pool per shard; 1 otherwise).
+    device: True when it computes on `runtime.device` (a GPU with `cuda`), False when it never
+            touches one (ingest decodes and encodes images on the CPU).
+    """
+
+    cpus: int = 1
+    device: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cpus < 1:
+            raise ValueError(f"a shard task needs at least one CPU, got cpus={self.cpus}")
 
 
 def plan_shards(files: Sequence[Path], shard_rows: int) -> list[Shard]:
@@ -120,13 +141,15 @@ def shard_done(path: Path, schema: pa.Schema | None = None) -> bool:
 class FanOut(Protocol):
     """Runs `fn` on every shard and yields the results in shard order."""
 
-    def map(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any) -> Iterator[R]: ...
+    def map(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any,
+            needs: ShardNeeds) -> Iterator[R]: ...
 
 
 class InProcess:
     """The default fan-out: one shard after another in this process."""
 
-    def map(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any) -> Iterator[R]:
+    def map(self, stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any,
+            needs: ShardNeeds) -> Iterator[R]:
         if getattr(runtime, "task_runner", "in-process") != "in-process":
             log.warning("%s: runtime.task_runner=%s needs a Prefect flow (tok1d run); running the shards "
                         "in this process", stage, runtime.task_runner)
@@ -148,10 +171,13 @@ def attached_fanout(fanout: FanOut) -> Iterator[None]:
         _fanout = previous
 
 
-def fan_out(stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any) -> Iterator[R]:
+def fan_out(stage: str, fn: Callable[[T], R], shards: Sequence[T], runtime: Any,
+            needs: ShardNeeds = ShardNeeds()) -> Iterator[R]:
     """`fn(shard)` for every shard, in shard order, on the attached fan-out.
 
     `fn` must be picklable (a module-level function or a dataclass instance) and must write its
     shard's file itself: results travel back, but files are what resume and commit rely on.
+    Results are yielded as soon as the next one in shard order is done, so the caller can fold
+    shard K in (e.g. ingest's duplicate check) while later shards still run.
     """
-    return _fanout.map(stage, fn, shards, runtime)
+    return _fanout.map(stage, fn, shards, runtime, needs)

@@ -19,9 +19,11 @@ Metrics, on Inception features computed clean-fid style (models/metrics.py):
   precision/recall k-NN manifolds (k = precision_recall_k) against the reference features
   clip_score       with `clip_path` set and a text-conditioned run (generator or tokenizer)
 
-Everything random comes from one torch.Generator seeded with `seed`, so a rerun gives the same
-samples, grid and metrics. Outputs: samples.png (rows = classes where possible) and the
-`samples` table (sample_index, label_id, caption_id, image PNG).
+Sampling and the samples' features run in shards of `shard_rows` samples on the attached
+fan-out (tasks/evaluate/samples.py); everything random in shard K comes from one torch.Generator
+seeded from (`seed`, K) (shard 0: `seed` itself), so a rerun, a resumed run and a run on Ray give
+the same samples, grid and metrics. Outputs: samples.png (rows = classes where possible) and the
+`samples` table (sample_index, label_id, caption_id, image PNG), one part per shard.
 """
 
 from __future__ import annotations
@@ -29,70 +31,38 @@ from __future__ import annotations
 import io
 import logging
 import math
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from models.inception import InceptionFeatures
-from models.metrics import clip_score, extract_features, inception_score, precision_recall
+from models.metrics import inception_score, precision_recall
 from tasks.config import EvaluateConfig
-from tasks.evaluate.generate import generate_images, to_uint8
 from tasks.evaluate.reference import reference_statistics
 from tasks.evaluate.reference_batch import reference_from_npz
+from tasks.evaluate.samples import (
+    FEATURES_DIR,
+    SAMPLES_SCHEMA,
+    SAMPLES_TABLE,
+    SampleJob,
+    SampleShard,
+    load_setup,
+    plan_sample_shards,
+    read_scores,
+)
 from tasks.features import extractor_id, frechet, kid
+from tasks.ingest.read import decode_stored
 from tasks.measurement import MEASUREMENTS_KEY, Measurement, measurements
-from tasks.evaluate.sampling import balanced_labels, draw_captions
-from tasks.pretokenize.read import token_meta
+from tasks.shards import fan_out
 from tasks.stage import StageContext, StageOutput
 from tasks.store import TableRecord, atomic_write_bytes
-from tasks.tables import write_parquet_atomic
-from tasks.train_generator.read import load_generator
-from tasks.train_tokenizer.read import load_tokenizer
 
 log = logging.getLogger("tok1d")
 
-SAMPLES_TABLE = "samples"
-SAMPLES_SCHEMA = pa.schema(
-    [("sample_index", pa.int64()), ("label_id", pa.int32()), ("caption_id", pa.string()), ("image", pa.binary())]
-)
-SHARD_ROWS = 1024
-# CLIP scores images in chunks of this many (the model is loaded per chunk; memory stays flat).
-CLIP_CHUNK = 2048
 GRID_FILE = "samples.png"
-
-
-class SampleShards:
-    """Writes the samples table as `samples/part-NNNNN.parquet` shards of SHARD_ROWS rows."""
-
-    def __init__(self, folder: Path):
-        shutil.rmtree(folder, ignore_errors=True)  # an earlier, interrupted attempt
-        folder.mkdir(parents=True)
-        self.folder = folder
-        self.rows: list[dict[str, Any]] = []
-        self.shards = 0
-        self.written = 0
-
-    def add(self, index: int, label: int, caption_id: str | None, image: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        self.rows.append({"sample_index": index, "label_id": label, "caption_id": caption_id, "image": buffer.getvalue()})
-        if len(self.rows) >= SHARD_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows and self.shards:
-            return
-        path = self.folder / f"part-{self.shards:05d}.parquet"
-        write_parquet_atomic(pa.Table.from_pylist(self.rows, schema=SAMPLES_SCHEMA), path, use_dictionary=["caption_id"])
-        self.written += len(self.rows)
-        self.shards += 1
-        self.rows = []
 
 
 class GridCollector:
@@ -109,6 +79,12 @@ class GridCollector:
         self.limit = min(grid_images, num_samples)
         self.images: dict[tuple[int, int], np.ndarray] = {}
         self.count: dict[int, int] = {}
+
+    @property
+    def full(self) -> bool:
+        if self.rows:
+            return all(self.count.get(label, 0) >= self.columns for label in range(self.rows))
+        return len(self.images) >= self.limit
 
     def offer(self, index: int, label: int, image: np.ndarray) -> None:
         if self.rows:
@@ -133,53 +109,43 @@ class GridCollector:
         return buffer.getvalue()
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def grid_png(samples_dir: Path, shards: list[SampleShard], config: EvaluateConfig, num_classes: int) -> bytes | None:
+    """The grid of the first samples of each class, read back from the samples table (PNG is
+    lossless: the very pixels that were scored); reading stops once the grid is full."""
+    grid = GridCollector(config.grid_images, num_classes, config.num_samples)
+    for shard in shards:
+        if grid.full:
+            break
+        parquet = pq.ParquetFile(samples_dir / f"{shard.name}.parquet")
+        for batch in parquet.iter_batches(batch_size=256, columns=["sample_index", "label_id", "image"]):
+            for index, label, image in zip(*(batch.column(n).to_pylist() for n in ("sample_index", "label_id", "image"))):
+                grid.offer(index, label, decode_stored(image, "png"))
+            if grid.full:
+                break
+    return grid.png()
 
 
-class SampleSink:
-    """Where each decoded batch goes: Inception features, the samples table, the grid and CLIP."""
-
-    def __init__(self, ctx: StageContext, net: InceptionFeatures, num_classes: int, score_clip: bool):
-        config: EvaluateConfig = ctx.config
-        self.config, self.net, self.device = config, net, torch.device(ctx.device)
-        self.shards = SampleShards(ctx.output_dir / SAMPLES_TABLE)
-        self.grid = GridCollector(config.grid_images, num_classes, config.num_samples)
-        self.features: dict[str, list[np.ndarray]] = {}
-        self.score_clip = score_clip
-        self.clip_scores: list[tuple[float, int]] = []
-        self.clip_images: list[np.ndarray] = []
-        self.clip_prompts: list[str] = []
-
-    def add(self, start: int, images: np.ndarray, labels: np.ndarray, captions: list[tuple[str, str]] | None) -> None:
-        """Images [B, H, W, 3] uint8 of samples start..start+B-1, their labels and (caption_id, caption)s."""
-        batch = extract_features([images], self.net, batch_size=self.config.batch_size, device=self.device)
-        for key, value in batch.items():
-            self.features.setdefault(key, []).append(value)
-        for offset, image in enumerate(images):
-            self.shards.add(start + offset, int(labels[offset]), captions[offset][0] if captions else None, image)
-            self.grid.offer(start + offset, int(labels[offset]), image)
-        if self.score_clip:
-            self.clip_images.append(images)
-            self.clip_prompts.extend(caption for _, caption in captions)
-            if len(self.clip_prompts) >= CLIP_CHUNK:
-                self._flush_clip()
-
-    def _flush_clip(self) -> None:
-        if self.clip_prompts:
-            score = clip_score(np.concatenate(self.clip_images), self.clip_prompts, self.config.clip_path,
-                               device=self.device)
-            self.clip_scores.append((score, len(self.clip_prompts)))
-            self.clip_images, self.clip_prompts = [], []
-
-    def finish(self) -> float | None:
-        """Write the last shard; the CLIP score over every sample (None without CLIP)."""
-        self.shards.flush()
-        if not self.score_clip:
-            return None
-        self._flush_clip()
-        return sum(score * n for score, n in self.clip_scores) / sum(n for _, n in self.clip_scores)
+def _sample_shards(ctx: StageContext, job: SampleJob, shards: list[SampleShard]) -> tuple[int, int, float]:
+    """Run the shards not done yet: (shards computed, samples generated, their generation seconds)."""
+    samples_dir, features_dir = Path(job.samples_dir), Path(job.features_dir)
+    for folder, suffix in ((samples_dir, ".parquet"), (features_dir, ".npz")):
+        folder.mkdir(parents=True, exist_ok=True)
+        expected = {f"{shard.name}{suffix}" for shard in shards}
+        for leftover in folder.iterdir():  # temporaries of a killed run, parts of another layout
+            if leftover.name not in expected:
+                leftover.unlink()
+    missing = [shard for shard in shards if not job.done(shard)]
+    computed = generated = 0
+    seconds = 0.0
+    total = ctx.config.num_samples
+    with ctx.progress(total, "samples", unit="sample", initial=total - sum(s.rows for s in missing)) as progress:
+        for result in fan_out(ctx.stage, job, missing, ctx.runtime):
+            computed += result.computed
+            generated += result.encoded
+            seconds += result.seconds
+            progress.update(result.rows)
+    log.info("evaluate: %d of %d sample shards computed in this run", computed, len(shards))
+    return computed, generated, seconds
 
 
 def run_evaluate(ctx: StageContext) -> StageOutput:
@@ -187,32 +153,14 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
     store, device = ctx.store, torch.device(ctx.device)
     if config.batch_size < 1:
         raise ValueError(f"evaluate.batch_size must be >= 1, got {config.batch_size}")
-    generator, generator_info = load_generator(ctx.inputs["train-generator"], store, device)
-    pretokenize = ctx.inputs["pretokenize"]
-    meta = token_meta(pretokenize, store)
-    if generator_info["tokens_artifact"] != pretokenize.artifact_id:
-        raise ValueError(f"the generator was trained on tokens {generator_info['tokens_artifact']}, but evaluate got "
-                         f"pretokenize artifact {pretokenize.artifact_id}; run the pipeline's stages together")
-    tokenizer, _ = load_tokenizer(ctx.inputs["train-tokenizer"], store, device=device, ema=True)
-    if tokenizer.config.num_latent_tokens != generator.seq_len or tokenizer.is_discrete != generator.discrete:
-        kinds = {True: "discrete", False: "continuous"}
-        raise ValueError(f"the tokenizer ({tokenizer.config.num_latent_tokens} {kinds[tokenizer.is_discrete]} tokens) "
-                         f"does not decode the generator's {generator.seq_len} {kinds[generator.discrete]} tokens")
-
-    num_classes = int(meta["num_classes"])
-    labels = balanced_labels(config.num_samples, num_classes)
-    text_conditioned = generator.uses_text or tokenizer.uses_text
-    captions: list[tuple[str, str]] | None = None
-    if text_conditioned:
-        from tasks.caption.read import load_caption_pool
-        from tasks.embed_text.read import load_text_embeddings
-
-        captions = draw_captions(labels, load_caption_pool(ctx.inputs["caption"], store), config.seed)
-        texts = load_text_embeddings(ctx.inputs["embed-text"], store)
+    shards = plan_sample_shards(config.num_samples, config.shard_rows)
+    setup = load_setup(str(store.root), dict(ctx.inputs), config, ctx.device)
+    generator, tokenizer = setup.generator, setup.tokenizer
+    text_conditioned = setup.text_conditioned
     if config.clip_path is not None and not text_conditioned:
         log.info("evaluate: clip_path is set but neither the generator nor the tokenizer uses text; no CLIP score")
 
-    net = InceptionFeatures(weights_path=config.inception_classifier_path).to(device)
+    net = setup.net
     extractor = extractor_id(config.inception_classifier_path)
     if config.reference_npz is not None:
         reference, reference_text = reference_from_npz(
@@ -227,47 +175,34 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
         reference_text = (f"ingest/{ctx.inputs['ingest'].artifact_id} {config.reference_split} split, first "
                           f"{reference.count} images as ingested (no crop); statistics {reference.key}")
 
-    rng = torch.Generator(device=device).manual_seed(config.seed)
-    sink = SampleSink(ctx, net, num_classes, score_clip=config.clip_path is not None and text_conditioned)
-    generation_seconds = 0.0
-    with ctx.progress(config.num_samples, "samples", unit="sample") as progress:
-        for start in range(0, config.num_samples, config.batch_size):
-            stop = min(start + config.batch_size, config.num_samples)
-            text = text_mask = None
-            if captions is not None:
-                text, text_mask = texts.lookup([cid for cid, _ in captions[start:stop]])
-                text, text_mask = text.to(device).float(), text_mask.to(device)
-            _synchronize(device)
-            began = time.perf_counter()
-            decoded = generate_images(generator, tokenizer, torch.from_numpy(labels[start:stop]), config.sampling,
-                                      rng, text, text_mask)
-            images = to_uint8(decoded)
-            _synchronize(device)
-            generation_seconds += time.perf_counter() - began
-            sink.add(start, images, labels[start:stop], captions[start:stop] if captions is not None else None)
-            progress.update(stop - start)
-    clip = sink.finish()
+    samples_dir, features_dir = ctx.output_dir / SAMPLES_TABLE, ctx.work_dir / FEATURES_DIR
+    job = SampleJob(str(store.root), dict(ctx.inputs), config, ctx.device, str(samples_dir), str(features_dir))
+    computed, generated, generation_seconds = _sample_shards(ctx, job, shards)
+    scores = read_scores(features_dir, shards)
 
-    pool = np.concatenate(sink.features["pool"])
+    pool = scores.features["pool"]
     summary: dict[str, Any] = {"num_samples": config.num_samples}
     distances, codes = _distances(pool, reference, config.seed)
     summary.update(distances)
-    summary.update(_inception_score(sink.features, pool, reference))
+    summary.update(_inception_score(scores.features, pool, reference))
     k = config.precision_recall_k
     if min(len(pool), reference.count) > k:
         summary["precision"], summary["recall"] = precision_recall(reference.features, pool, k=k, device=device)
     else:
         log.warning("evaluate: precision/recall need more than k=%d samples and reference images", k)
         summary["precision"] = summary["recall"] = None
-    if clip is not None:
-        summary["clip_score"] = clip
+    if scores.clip_score is not None:
+        summary["clip_score"] = scores.clip_score
     summary[MEASUREMENTS_KEY] = _measurements(summary, len(pool), extractor, reference_text, codes, config)
-    grid_png = sink.grid.png()
-    if grid_png is not None:
-        atomic_write_bytes(ctx.output_dir / GRID_FILE, grid_png)
+    grid = grid_png(samples_dir, shards, config, setup.num_classes)
+    if grid is not None:
+        atomic_write_bytes(ctx.output_dir / GRID_FILE, grid)
     summary.update(
-        samples_per_second=config.num_samples / max(generation_seconds, 1e-9),
-        grid=GRID_FILE if grid_png is not None else None,
+        # Of the shards this run computed (None when a resumed run computed none).
+        samples_per_second=generated / generation_seconds if generated else None,
+        shards=len(shards),
+        shards_computed_this_run=computed,
+        grid=GRID_FILE if grid is not None else None,
         reference_images=reference.count,
         reference=reference_text,
         reference_split=config.reference_split,
@@ -281,7 +216,7 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
     )
     log.info("evaluate: gFID %s, IS %s, precision %s, recall %s", summary["gfid"], summary["inception_score"],
              summary["precision"], summary["recall"])
-    table = TableRecord(glob=f"{SAMPLES_TABLE}/*.parquet", rows=sink.shards.written,
+    table = TableRecord(glob=f"{SAMPLES_TABLE}/*.parquet", rows=config.num_samples,
                         columns={field.name: str(field.type) for field in SAMPLES_SCHEMA})
     return StageOutput(tables={SAMPLES_TABLE: table}, summary=summary)
 

@@ -1,31 +1,37 @@
 """The ingest stage: a configured image source -> `images`, `rejects` and `classes` tables.
 
-Items are processed in fixed shards of `shard_rows` source items; a finished shard is a pair
-of Parquet files, so a rerun after a kill skips straight to the first unfinished shard.
+Items are processed in fixed shards of `shard_rows` source items (tasks/ingest/shard.py), run
+by the attached fan-out (tasks/shards.py: here, or one Ray task per shard). A shard task writes
+its parts into the work folder; the stage takes the shards' results in shard order and finishes
+each: images already in an earlier shard are rejected as duplicates (the first copy in source
+order is kept, exactly as one pass over the source would), then the parts move into the
+artifact. A finished shard is a pair of Parquet files, so a rerun after a kill computes only the
+shards with neither finished nor computed parts.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import itertools
-import math
-import multiprocessing
-from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+import os
+from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.config import IngestConfig, RuntimeConfig
+from tasks.config import IngestConfig
 from tasks.ingest.fingerprint import source_fingerprint
-from tasks.ingest.process import Accepted, Rejected, process_item, process_items
-from tasks.ingest.sources import Item, Source, SourceError, check_source, open_source
+from tasks.ingest.shard import (
+    IngestShard,
+    _Local,
+    ingest_workers,
+    lend,
+    plan_source_shards,
+    split_of,
+    worker_pool,
+)
+from tasks.ingest.sources import SourceError, check_source, open_source
 from tasks.ingest.tables import (
     CLASSES_SCHEMA,
     IMAGES_SCHEMA,
@@ -34,21 +40,16 @@ from tasks.ingest.tables import (
     part_path,
     shard_done,
     table_glob,
-    ROW_GROUP_ROWS,
-    ImagesShardWriter,
+    write_images_without,
     write_parquet,
 )
-from tasks.progress import Progress
+from tasks.shards import ShardNeeds, fan_out
 from tasks.stage import Stage, StageContext, StageOutput, fixed_inputs
 from tasks.store import TableRecord
 
-Outcome = tuple[Item, Accepted | Rejected]
-
-
-def split_of(image_id: str, salt: str, val_fraction: float) -> str:
-    """"val" for a stable pseudo-random `val_fraction` of ids, else "train"."""
-    digest = hashlib.sha256((salt + image_id).encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+__all__ = ["STAGE", "run_ingest", "split_of"]
+# Where shard tasks write their parts, inside the stage's work folder (beside `output`).
+SHARDS_DIR = "shards"
 
 
 def _check(config: IngestConfig) -> None:
@@ -62,112 +63,34 @@ def _check(config: IngestConfig) -> None:
         raise ValueError(f"ingest.max_image_pixels must be >= 1, got {config.max_image_pixels}")
 
 
-# Items per message to a pool worker, and messages in flight per worker: enough to keep every
-# worker busy, few enough that memory holds a bounded window of items and results however long
-# the source is (Pool.imap would read the whole item iterator ahead).
-_CHUNK = 16
-_IN_FLIGHT = 4
+def _ids(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()
 
 
-def _bounded_imap(pool: ProcessPoolExecutor, config: IngestConfig, items: Iterable[Item],
-                  window: int) -> Iterator[Outcome]:
-    """`process_item` over items through `pool`, in order, with at most `window` chunks queued."""
-    source = iter(items)
-    pending: deque = deque()
-
-    def submit() -> None:
-        chunk = list(itertools.islice(source, _CHUNK))
-        if chunk:
-            pending.append(pool.submit(process_items, chunk, config))
-
-    for _ in range(window):
-        submit()
-    while pending:
-        try:
-            done = pending.popleft().result()
-        except BrokenProcessPool as error:
-            raise RuntimeError("ingest: a worker process died (killed, or out of memory); the images written "
-                               "so far are kept and a rerun resumes from them") from error
-        submit()
-        yield from done
-
-
-@contextmanager
-def _mapper(config: IngestConfig, workers: int) -> Iterator[Callable[[Iterable[Item]], Iterator[Outcome]]]:
-    """`map` of `process_item` over items, in order: in this process, or in a process pool."""
-    if workers <= 1:
-        work = functools.partial(process_item, config=config)
-        yield lambda items: map(work, items)
-        return
-    # spawn: a forked copy of a process with torch/Prefect threads can deadlock.
-    # A process pool executor, not multiprocessing.Pool: when a worker dies, Pool loses its task
-    # and waits for it forever (seen in the suite); the executor raises BrokenProcessPool.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield lambda items: _bounded_imap(pool, config, items, _IN_FLIGHT * workers)
-
-
-def ingest_workers(runtime: RuntimeConfig) -> int:
-    """Ingest's process count: runtime.data_workers if set, else runtime.threads, else 1."""
-    return max(1, runtime.data_workers or runtime.threads or 1)
-
-
-def _finished_ids(output_dir: Path, index: int) -> list[str]:
-    table = pq.read_table(part_path(output_dir, "images", index), columns=["image_id"])
-    return table.column("image_id").to_pylist()
-
-
-def _process_shard(
-    outcomes: Iterable[Outcome],
-    source: Source,
-    config: IngestConfig,
-    seen: set[bytes],
-    progress: Progress,
-    writer: ImagesShardWriter,
-) -> pa.Table:
-    """Write the shard's accepted images through `writer` (a row group at a time); its rejects."""
-    images: dict[str, list] = {name: [] for name in IMAGES_SCHEMA.names}
-    rejects: dict[str, list] = {name: [] for name in REJECTS_SCHEMA.names}
-
-    def reject(item: Item, reason: str, detail: str) -> None:
-        rejects["source"].append(item.source)
-        rejects["reason"].append(reason)
-        rejects["detail"].append(detail)
-
-    def flush() -> None:
-        writer.write(pa.table(images, schema=IMAGES_SCHEMA))
-        for column in images.values():
-            column.clear()
-
-    for item, outcome in outcomes:
-        progress.update(1)
-        if isinstance(outcome, Rejected):
-            reject(item, outcome.reason, outcome.detail)
-            continue
-        digest = bytes.fromhex(outcome.image_id)
-        if digest in seen:
-            reject(item, "duplicate", f"duplicate of {outcome.image_id}")
-            continue
-        seen.add(digest)
-        row = {
-            "image_id": outcome.image_id,
-            "split": split_of(outcome.image_id, config.split_salt, config.val_fraction),
-            "label_id": item.label_id,
-            "label_name": source.classes[item.label_id],
-            "source_caption": item.caption,
-            "source": item.source,
-            "orig_width": outcome.width,
-            "orig_height": outcome.height,
-            "image": outcome.data,
-            "image_format": outcome.format,
-            "kept_source": outcome.kept_source,
-        }
-        for name, value in row.items():
-            images[name].append(value)
-        if len(images["image_id"]) == ROW_GROUP_ROWS:
-            flush()
-    if images["image_id"]:
-        flush()
-    return pa.table(rejects, schema=REJECTS_SCHEMA)
+def finish_into_artifact(computed: Path, output_dir: Path, index: int, seen: set[bytes]) -> None:
+    """Move shard `index`'s computed parts into the artifact, rejecting its images that an earlier
+    shard has (ids in `seen`, which gains this shard's). The images part is the done mark and
+    goes last: a kill before it leaves the computed parts to finish again, the same way."""
+    images, rejects = part_path(computed, "images", index), part_path(computed, "rejects", index)
+    ids = _ids(images)
+    drop = {row for row, image_id in enumerate(ids) if bytes.fromhex(image_id) in seen}
+    table = pq.read_table(rejects)
+    if drop:
+        rows = sorted(drop)
+        sources = pq.read_table(images, columns=["source"]).column("source").take(pa.array(rows))
+        duplicates = pa.table({"source": sources, "reason": ["duplicate"] * len(rows),
+                               "detail": [f"duplicate of {ids[row]}" for row in rows]}, schema=REJECTS_SCHEMA)
+        table = pa.concat_tables([table, duplicates])
+    write_parquet(table, part_path(output_dir, "rejects", index))
+    final = part_path(output_dir, "images", index)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if drop:
+        write_images_without(images, final, drop)
+        images.unlink()
+    else:
+        os.replace(images, final)
+    rejects.unlink()
+    seen.update(bytes.fromhex(image_id) for row, image_id in enumerate(ids) if row not in drop)
 
 
 def _tally(output_dir: Path, shards: int, classes: list[str]) -> tuple[pa.Table, dict[str, int]]:
@@ -211,9 +134,15 @@ def _tally(output_dir: Path, shards: int, classes: list[str]) -> tuple[pa.Table,
     return table, summary
 
 
-def finish_shard(writer: ImagesShardWriter, rejects: pa.Table) -> None:
-    """Close shard `writer.index`: rejects part, then the images part into place (the done mark)."""
-    writer.finish(rejects)
+def _clean(folder: Path, shards: int) -> None:
+    """Temporaries of a killed run, and parts beyond the last shard (only possible if the source
+    listing changed since): neither belongs to this run's output."""
+    for table in ("images", "rejects", "classes"):
+        for leftover in sorted((folder / table).glob(".*.tmp")):
+            leftover.unlink()
+        for stale in sorted((folder / table).glob("part-*.parquet")):
+            if table != "classes" and int(stale.stem.split("-")[1]) >= shards:
+                stale.unlink()
 
 
 def run_ingest(ctx: StageContext) -> StageOutput:
@@ -223,40 +152,47 @@ def run_ingest(ctx: StageContext) -> StageOutput:
     total = len(source)
     if total == 0:
         raise SourceError(f"{source.description} yields no items (ingest.source.max_images={config.source.max_images})")
-    output_dir = ctx.output_dir
-    shards = math.ceil(total / config.shard_rows)
-    for table in ("images", "rejects", "classes"):
-        # Temporaries of a killed run, and parts beyond the last shard (only possible if the
-        # source listing changed since): neither belongs to this run's output.
-        for leftover in sorted((output_dir / table).glob(".*.tmp")):
-            leftover.unlink()
-        for stale in sorted((output_dir / table).glob("part-*.parquet")):
-            if table != "classes" and int(stale.stem.split("-")[1]) >= shards:
-                stale.unlink()
+    output_dir, computed = ctx.output_dir, ctx.work_dir / SHARDS_DIR
+    shards = plan_source_shards(total, config.shard_rows)
+    _clean(output_dir, len(shards))
+    _clean(computed, len(shards))
 
-    done = [index for index in range(shards) if shard_done(output_dir, index)]
-    initial = sum(min(config.shard_rows, total - index * config.shard_rows) for index in done)
-    # Ids seen so far, as 32-byte digests (about 100 bytes each in the set, against 155 as hex
+    finished = {shard.index for shard in shards if shard_done(output_dir, shard.index)}
+    to_compute = [shard for shard in shards if shard.index not in finished and not shard_done(computed, shard.index)]
+    initial = total - sum(shard.rows for shard in to_compute)
+    workers = ingest_workers(ctx.runtime)
+    job = IngestShard(config, ctx.cache_key, str(computed), workers)
+    # Ids finished so far, as 32-byte digests (about 100 bytes each in the set, against 155 as hex
     # strings: 130 MB for ImageNet's 1.28M images).
     seen: set[bytes] = set()
-    workers = ingest_workers(ctx.runtime)
-    with ctx.progress(total, "images", unit="img", initial=initial) as bar, _mapper(config, workers) as mapper:
-        for index in range(shards):
-            if shard_done(output_dir, index):
-                # Ids of finished shards, in shard order: duplicates are judged exactly as in one run.
-                seen.update(bytes.fromhex(image_id) for image_id in _finished_ids(output_dir, index))
-                continue
-            start = index * config.shard_rows
-            items = source.items(start, start + config.shard_rows)
-            writer = ImagesShardWriter(output_dir, index)
-            try:
-                rejects = _process_shard(mapper(items), source, config, seen, bar, writer)
-                finish_shard(writer, rejects)
-            except BaseException:
-                writer.abort()
-                raise
+    shards_computed = 0
+    with ctx.progress(total, "images", unit="img", initial=initial) as bar, ExitStack() as stack:
+        ticked: Counter[str] = Counter()
 
-    classes, summary = _tally(output_dir, shards, source.classes)
+        def tick(name: str, count: int) -> None:
+            ticked[name] += count
+            bar.update(count)
+
+        local = _Local(ctx.cache_key, source, tick=tick)
+        if ctx.runtime.task_runner == "in-process":  # shards run here: one pool for all of them
+            local.mapper = stack.enter_context(worker_pool(config, workers))
+        stack.enter_context(lend(local))
+        results = fan_out(ctx.stage, job, to_compute, ctx.runtime, ShardNeeds(cpus=workers, device=False))
+        stack.callback(getattr(results, "close", lambda: None))  # a failed stage leaves no shard running
+        pending = {shard.index for shard in to_compute}
+        for shard in shards:
+            if shard.index in finished:
+                # Ids of finished shards, in shard order: duplicates are judged exactly as in one pass.
+                seen.update(bytes.fromhex(image_id) for image_id in _ids(part_path(output_dir, "images", shard.index)))
+                continue
+            if shard.index in pending:
+                result = next(results)
+                assert result.name == shard.name, (result.name, shard.name)  # fan-outs yield in shard order
+                shards_computed += result.computed
+                bar.update(result.rows - ticked.pop(shard.name, 0))
+            finish_into_artifact(computed, output_dir, shard.index, seen)
+
+    classes, summary = _tally(output_dir, len(shards), source.classes)
     write_parquet(classes, part_path(output_dir, "classes", 0))
     rows = {
         "images": summary["images"],
@@ -270,7 +206,8 @@ def run_ingest(ctx: StageContext) -> StageOutput:
     summary = {
         **summary,
         "source": source.description,
-        "shards": shards,
+        "shards": len(shards),
+        "shards_computed_this_run": shards_computed,
         "storage_policy": config.storage.policy,
         "storage_quality": config.storage.quality,
     }

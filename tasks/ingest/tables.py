@@ -98,6 +98,29 @@ class ImagesShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+def write_images_without(source: Path, target: Path, drop: set[int]) -> None:
+    """The images part `source` without its rows `drop`, written atomically to `target` in full
+    row groups (so its layout depends on the rows it keeps alone)."""
+    tmp = temporary_path(target)
+    try:
+        with pq.ParquetWriter(tmp, IMAGES_SCHEMA, **_options(IMAGES_SCHEMA)) as writer:
+            row, pending = 0, None
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=ROW_GROUP_ROWS):
+                keep = pa.array([row + offset not in drop for offset in range(batch.num_rows)])
+                row += batch.num_rows
+                piece = pa.Table.from_batches([batch]).filter(keep)
+                pending = piece if pending is None else pa.concat_tables([pending, piece])
+                while pending.num_rows >= ROW_GROUP_ROWS:
+                    writer.write_table(pending.slice(0, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
+                    pending = pending.slice(ROW_GROUP_ROWS)
+            if pending is not None and pending.num_rows:
+                writer.write_table(pending, row_group_size=ROW_GROUP_ROWS)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_shard(output_dir: Path, index: int, images: pa.Table, rejects: pa.Table) -> None:
     """Shard `index` of both tables from whole tables (test builders); it counts as done once both files exist."""
     write_parquet(rejects, part_path(output_dir, "rejects", index))

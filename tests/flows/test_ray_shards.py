@@ -1,7 +1,8 @@
 """Sharded fan-out on a real local Ray (prefect-ray's RayTaskRunner) from a real Prefect flow: the
-pretokenize artifact (id and every file's sha256) is the same in-process and on Ray with 1 or 2
-workers, and a killed fan-out resumes on Ray computing only the missing shards; embed-text's
-artifact is the same in-process and on Ray, and its missing parts come back from the cache."""
+pretokenize, ingest and evaluate artifacts (ids and every file's sha256) are the same in-process
+and on Ray with 1 or 2 workers, and a killed (or partly lost) fan-out resumes on Ray computing
+only the missing shards; embed-text's artifact is the same in-process and on Ray, and its missing
+parts come back from the cache; shard tasks get the CPUs and GPUs their stage asks for."""
 
 from __future__ import annotations
 
@@ -14,19 +15,33 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from builders.caption import caption_artifact  # noqa: E402
+from builders.evaluate import maskgit_inputs  # noqa: E402
 from builders.ingest import ingest_artifact  # noqa: E402
+from builders.ingest_run import artifact_bytes  # noqa: E402
 from builders.processes import kill_when_ready  # noqa: E402
 from builders.tokenizer import random_tokenizer  # noqa: E402
-from flows.fanout import PrefectFanOut  # noqa: E402
+from flows.fanout import PrefectFanOut, ray_options  # noqa: E402
 from flows.stage_task import run_stage_in_flow  # noqa: E402
 from models.tokenizer_config import TokenizerConfig  # noqa: E402
-from tasks.config import EmbedTextConfig, PretokenizeConfig, RuntimeConfig  # noqa: E402
+from tasks.config import (  # noqa: E402
+    EmbedTextConfig,
+    EvaluateConfig,
+    IngestConfig,
+    PretokenizeConfig,
+    RuntimeConfig,
+    SamplingConfig,
+    SourceConfig,
+)
 from tasks.embed_text.stage import run_embed_text  # noqa: E402
+from tasks.evaluate.compute import run_evaluate  # noqa: E402
+from tasks.ingest.stage import run_ingest  # noqa: E402
 from tasks.pretokenize.compute import run_pretokenize  # noqa: E402
-from tasks.shards import attached_fanout  # noqa: E402
+from tasks.shards import ShardNeeds, attached_fanout  # noqa: E402
 from tasks.stage import StageContext  # noqa: E402
 from tasks.store import Manifest, Store  # noqa: E402
 
@@ -177,3 +192,163 @@ def test_embed_text_is_the_same_in_process_and_on_ray_and_resumes_from_the_cache
     summary = embed_resume_flow(str(store.root), inputs, runtime, str(work))
     assert (summary["shards_computed_this_run"], summary["embedded_new"], summary["captions"]) == (2, 0, 13)
     assert sha256s(parts) == reference
+
+
+# ---- evaluate: 6 samples in shards of 2
+
+
+@flow(name="ray-shards-stage-test")
+def stage_flow(stage: str, store_root: str, config, inputs: dict[str, Manifest], runtime: RuntimeConfig,
+               work: str) -> dict:
+    """The stage's run function on a given work dir, with the fan-out flows/ attaches to stage tasks."""
+    run = {"ingest": run_ingest, "evaluate": run_evaluate}[stage]
+    with attached_fanout(PrefectFanOut()):
+        return run(StageContext(stage, config, inputs, Store(store_root), runtime, "k" * 64, Path(work))).summary
+
+
+EVALUATE = EvaluateConfig(num_samples=6, batch_size=2, shard_rows=2, reference_images=6, grid_images=6,
+                          sampling=SamplingConfig(steps=2))
+
+
+def test_evaluate_is_the_same_in_process_and_on_ray_and_resumes_with_the_missing_shards(tmp_path, ray_cluster):
+    store = Store(tmp_path / "store")
+    inputs = maskgit_inputs(store, tmp_path / "generator")
+    cpu = RuntimeConfig(device="cpu")
+    results = {}
+    for label, runtime in [("in-process", cpu),
+                           ("ray-1", RuntimeConfig(device="cpu", task_runner="ray", ray_workers=1))]:
+        summary = stage_flow("evaluate", str(store.root), EVALUATE, inputs, runtime, str(tmp_path / label))
+        assert (summary["shards"], summary["shards_computed_this_run"]) == (3, 3), label
+        results[label] = (sha256s_of(tmp_path / label / "output"), metrics(summary))
+    assert results["ray-1"] == results["in-process"]
+    assert sorted(results["in-process"][0]) == ["samples.png"] + [f"samples/part-0000{k}.parquet" for k in range(3)]
+
+    # Shards 1 and 2 lost (the samples part of one, both files of the other): only they run again.
+    work = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "in-process", work)
+    (work / "output" / "samples" / "part-00001.parquet").unlink()
+    (work / "output" / "samples" / "part-00002.parquet").unlink()
+    (work / "features" / "part-00002.npz").unlink()
+    kept = (work / "output" / "samples" / "part-00000.parquet").stat()
+    runtime = RuntimeConfig(device="cpu", task_runner="ray", ray_workers=2)
+    summary = stage_flow("evaluate", str(store.root), EVALUATE, inputs, runtime, str(work))
+    assert summary["shards_computed_this_run"] == 2
+    after = (work / "output" / "samples" / "part-00000.parquet").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    assert (sha256s_of(work / "output"), metrics(summary)) == results["in-process"]
+
+
+# ---- ingest: a folder whose last shard repeats an image of the first (shard_rows=5: 3 shards)
+
+
+@pytest.fixture
+def animals(tmp_path) -> Path:
+    root = tmp_path / "animals"
+    for name, seeds in (("cat", range(6)), ("dog", range(6, 11))):
+        (root / name).mkdir(parents=True)
+        for seed in seeds:
+            pixels = np.random.default_rng(seed).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{seed:02d}.png")
+    (root / "dog" / "98_copy.png").write_bytes((root / "cat" / "00.png").read_bytes())
+    (root / "dog" / "99_empty.png").write_bytes(b"")
+    return root
+
+
+def ingest_config(root: Path) -> IngestConfig:
+    return IngestConfig(source=SourceConfig(kind="folder", path=str(root)), resolution=8, shard_rows=5)
+
+
+@flow(name="ray-shards-ingest-test")
+def ingest_flow(store_root: str, config: IngestConfig, runtime: RuntimeConfig) -> Manifest:
+    return run_stage_in_flow("ingest", config, {}, Store(store_root), runtime, None).manifest
+
+
+def test_ingest_is_the_same_in_process_and_on_ray_and_resumes_with_the_missing_shards(tmp_path, animals, ray_cluster):
+    config = ingest_config(animals)
+    artifacts = {}
+
+    def ingest_on(label: str, runtime: RuntimeConfig) -> None:
+        manifest = ingest_flow(str(tmp_path / label), config, runtime)
+        assert (manifest.summary["shards"], manifest.summary["shards_computed_this_run"]) == (3, 3), label
+        assert (manifest.summary["images"], manifest.summary["rejected_duplicate"]) == (11, 1), label
+        artifacts[label] = (manifest.artifact_id, {f.path: f.sha256 for f in manifest.files})
+
+    ingest_on("in-process", RuntimeConfig())
+    ingest_on("ray-2", RuntimeConfig(task_runner="ray", ray_workers=2))
+    assert artifacts["ray-2"] == artifacts["in-process"]
+
+    # Shards 1 and 2 lost (shard 2 holds the copy of shard 0's image): a rerun on Ray computes
+    # those two only, judges the copy against the shard it kept, and ends with the same files.
+    work = tmp_path / "resumed"
+    clean = run_ingest(StageContext("ingest", config, {}, Store(tmp_path / "s"), RuntimeConfig(), "k" * 64, work))
+    assert clean.summary["shards_computed_this_run"] == 3
+    output = work / "output"
+    reference = artifact_bytes(output)
+    for table in ("images", "rejects"):
+        for index in (1, 2):
+            (output / table / f"part-0000{index}.parquet").unlink()
+    kept = (output / "images" / "part-00000.parquet").stat()
+    runtime = RuntimeConfig(task_runner="ray", ray_workers=2)
+    summary = stage_flow("ingest", str(tmp_path / "s"), config, {}, runtime, str(work))
+    assert (summary["shards_computed_this_run"], summary["rejected_duplicate"]) == (2, 1)
+    after = (output / "images" / "part-00000.parquet").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    assert artifact_bytes(output) == reference
+
+    # One shard at a time, with two worker processes per shard task (it asks Ray for 2 CPUs and
+    # runs its own pool). Last: after 2-CPU tasks Ray starts new workers for 1-CPU ones (seconds).
+    ingest_on("ray-1", RuntimeConfig(task_runner="ray", ray_workers=1, threads=2))
+    assert artifacts["ray-1"] == artifacts["in-process"]
+
+
+def sha256s_of(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def metrics(summary: dict) -> dict:
+    """The summary without what depends on the run rather than the artifact."""
+    return {k: v for k, v in summary.items() if k not in ("samples_per_second", "shards_computed_this_run")}
+
+
+# ---- what a shard task asks Ray for
+
+
+def test_remote_options_follow_the_device_and_the_stage_needs():
+    no_gpu, two_gpus = {"CPU": 8.0}, {"CPU": 8.0, "GPU": 2.0}
+    cuda = RuntimeConfig(device="cuda", task_runner="ray")
+    device_bound, ingest_like = ShardNeeds(), ShardNeeds(cpus=3, device=False)
+    assert ray_options(cuda, device_bound, two_gpus) == {"num_cpus": 1, "num_gpus": 1.0}
+    # Asked for even where Ray shows no GPU yet (an autoscaling cluster adds them).
+    assert ray_options(cuda, device_bound, no_gpu) == {"num_cpus": 1, "num_gpus": 1.0}
+    halves = RuntimeConfig(device="cuda", task_runner="ray", ray_gpus_per_shard=0.5)
+    assert ray_options(halves, device_bound, two_gpus) == {"num_cpus": 1, "num_gpus": 0.5}
+    assert ray_options(cuda, ingest_like, two_gpus) == {"num_cpus": 3}  # ingest never asks for a GPU
+    auto = RuntimeConfig(device="auto", task_runner="ray")
+    assert ray_options(auto, device_bound, two_gpus) == {"num_cpus": 1, "num_gpus": 1.0}
+    assert ray_options(auto, device_bound, no_gpu) == {"num_cpus": 1}
+    assert ray_options(RuntimeConfig(device="cpu", task_runner="ray"), device_bound, two_gpus) == {"num_cpus": 1}
+
+
+@flow(name="ray-shards-resources-test")
+def resources_flow(needs: ShardNeeds, runtime: RuntimeConfig) -> list[dict]:
+    def assigned(shard):  # defined here: pickled by value for the Ray worker
+        import ray as worker_ray
+
+        return {name: value for name, value in worker_ray.get_runtime_context().get_assigned_resources().items()
+                if name in ("CPU", "GPU")}
+
+    from tasks.evaluate.samples import plan_sample_shards
+
+    shards = plan_sample_shards(2, 1)
+    return list(PrefectFanOut().map("resources", assigned, shards, runtime, needs))
+
+
+def test_shard_tasks_get_what_the_stage_asks_ray_for(ray_cluster):
+    runtime = RuntimeConfig(device="cpu", task_runner="ray")
+    assert resources_flow(ShardNeeds(cpus=2, device=False), runtime) == [{"CPU": 2.0}] * 2
+    # A GPU per shard on this Ray of 2 CPUs and no GPU: a clear error, not tasks waiting forever.
+    with pytest.raises(RuntimeError, match="ask Ray for 1 GPU per shard, the cluster has 0"):
+        resources_flow(ShardNeeds(), RuntimeConfig(device="cuda", task_runner="ray"))
+    with pytest.raises(RuntimeError, match="3 CPU per shard, the cluster has 2"):
+        resources_flow(ShardNeeds(cpus=3, device=False), runtime)

@@ -14,56 +14,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 import tasks.evaluate.reference as reference
-import tasks.evaluate.compute as evaluate_stage
-from models.tokenizer import Tokenizer
+import tasks.evaluate.samples as evaluate_samples
 from models.tokenizer_config import TokenizerConfig
 from tasks.caption.backends import caption_id
-from tasks.config import EvaluateConfig, RuntimeConfig, SamplingConfig, TrainConfig, TrainGeneratorConfig
+from tasks.config import EvaluateConfig, RuntimeConfig, SamplingConfig
 from tasks.embed_text.read import load_text_embeddings
 from tasks.evaluate.stage import run_evaluate
 from tasks.stage import StageContext
 from tasks.store import Manifest, Store
-from tasks.train_generator.stage import run_train_generator
 
 from builders.caption import caption_artifact
 from builders.embed_text import embed_artifact, random_batch
-from builders.ingest import ingest_from_images
-from builders.store import commit_output
+from builders.evaluate import CLASSES, NAMES, RES, image_ids, ingest_artifact, pretokenize, train_generator
 from builders.tokenizer import random_tokenizer
-from builders.tokens import token_artifact
 
-RES, CLASSES, TEXT_DIM, TEXT_TOKENS = 16, 3, 6, 4
-NAMES = ["shirt", "shoe", "bag"]
+TEXT_DIM, TEXT_TOKENS = 6, 4
 TEMPLATES = ["a photo of a {}", "a picture of a {}"]
-
-
-def class_image(label: int, rng: np.random.Generator) -> np.ndarray:
-    """A noisy image whose colour and stripe direction depend on the class."""
-    image = np.zeros((RES, RES, 3), np.float64)
-    image[..., label] = 0.7
-    stripes = (np.arange(RES) // 2 % 2)[:, None] if label % 2 else (np.arange(RES) // 2 % 2)[None, :]
-    image += 0.3 * stripes[..., None] + rng.normal(0, 0.08, image.shape)
-    return (image.clip(0, 1) * 255).astype(np.uint8)
-
-
-def ingest_artifact(store: Store, rows: int = 72) -> tuple[Manifest, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    labels = np.arange(rows) % CLASSES
-    images = np.stack([class_image(int(label), rng) for label in labels])
-    manifest = ingest_from_images(store, list(images), labels, NAMES, splits(rows), image_ids=image_ids(rows))
-    return manifest, images, labels
-
-
-def splits(rows: int) -> list[str]:
-    return ["val" if i % 9 == 8 else "train" for i in range(rows)]
-
-
-def image_ids(rows: int) -> list[str]:
-    return [f"img-{i:03d}" for i in range(rows)]
 
 
 def caption_artifacts(store: Store, labels: np.ndarray) -> tuple[Manifest, Manifest]:
@@ -75,30 +44,6 @@ def caption_artifacts(store: Store, labels: np.ndarray) -> tuple[Manifest, Manif
     texts = sorted({c for entries in pool.values() for c in entries})
     batch = random_batch(len(texts), TEXT_TOKENS, TEXT_DIM, seed=2, min_tokens=2)
     return caption, embed_artifact(store, [caption_id(t) for t in texts], texts, batch)
-
-
-@torch.no_grad()
-def pretokenize(store: Store, tokenizer: Tokenizer, images: np.ndarray, labels: np.ndarray,
-                texts=None, captions: list[str] | None = None) -> Manifest:
-    """The tokenizer's tokens of the images (with the captions' text tokens if given), as a pretokenize artifact."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    text = mask = None
-    if texts is not None:
-        text, mask = texts.lookup([caption_id(c) for c in captions])
-        text = text.float()
-    tokens, _, _ = tokenizer.encode(x, text, mask)
-    config = tokenizer.config
-    return token_artifact(store, tokens, labels, splits(len(labels)), class_names=NAMES, token_dim=config.token_dim,
-                          codebook_size=config.codebook_size, image_ids=image_ids(len(labels)),
-                          caption_ids=[caption_id(c) for c in captions] if captions else None,
-                          uses_text=tokenizer.uses_text)
-
-
-def train_generator(store: Store, inputs: dict[str, Manifest], work: Path, **fields) -> Manifest:
-    train = TrainConfig(steps=6, batch_size=16, lr=3e-3, warmup_steps=1, checkpoint_every=100, log_every=1, ema_decay=0.5)
-    config = TrainGeneratorConfig(width=32, depth=1, heads=2, diffusion_steps=50, train=train, **fields)
-    ctx = StageContext("train-generator", config, inputs, store, RuntimeConfig(device="cpu"), "g" * 64, work)
-    return commit_output(store, ctx, run_train_generator(ctx))
 
 
 def evaluate(store: Store, inputs: dict[str, Manifest], work: Path, **fields):
@@ -190,8 +135,9 @@ def test_text_conditioned_dit_with_textok_tokenizer(tmp_path, world, monkeypatch
         scored.append((len(images), list(prompts)))
         return 25.0
 
-    monkeypatch.setattr(evaluate_stage, "clip_score", fake_clip)
-    output, out = evaluate(store, inputs, tmp_path / "e", num_samples=12, clip_path="/models/clip",
+    monkeypatch.setattr(evaluate_samples, "clip_score", fake_clip)
+    # Shards of 5 samples: CLIP scores each shard's samples, the summary weighs the shards by size.
+    output, out = evaluate(store, inputs, tmp_path / "e", num_samples=12, clip_path="/models/clip", shard_rows=5,
                            sampling=SamplingConfig(steps=4, guidance_scale=2.0))
     summary = output.summary
     assert summary["generator"] == "dit" and summary["text_conditioned"] and summary["clip_score"] == 25.0
@@ -200,8 +146,8 @@ def test_text_conditioned_dit_with_textok_tokenizer(tmp_path, world, monkeypatch
             for label in range(CLASSES)}
     for label, cid in zip(samples["label_id"].to_pylist(), samples["caption_id"].to_pylist()):
         assert cid in pool[label]  # each sample's caption comes from its class's pool
-    prompts = scored[0][1]
-    assert sum(n for n, _ in scored) == 12
+    assert [n for n, _ in scored] == [5, 5, 2] and summary["shards"] == 3
+    prompts = [prompt for _, chunk in scored for prompt in chunk]
     assert [caption_id(p) for p in prompts] == samples["caption_id"].to_pylist()
     assert len(set(prompts)) > CLASSES  # captions are drawn, not always the first of the pool
     assert math.isfinite(summary["gfid"]) and 0 <= summary["precision"] <= 1

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-import tasks.ingest.stage as ingest_stage
+import tasks.ingest.shard as ingest_shard
 from tasks.config import IngestConfig, SourceConfig
 from tasks.ingest.read import class_names, decode_stored, image_table, iter_image_batches
 from tasks.ingest.sources.fashion_mnist import CLASSES, DEFAULT_DIR as FASHION_DIR
@@ -149,8 +149,8 @@ def test_rerun_gives_identical_files_and_skips_done_shards(tmp_path, folder, mon
     assert artifact_bytes(first.output_dir) == artifact_bytes(second.output_dir)
 
     written = []
-    monkeypatch.setattr(ingest_stage, "finish_shard", lambda writer, rejects: written.append(writer.index))
-    run_ingest(first)  # everything is there already
+    monkeypatch.setattr(ingest_shard, "finish_shard", lambda writer, rejects: written.append(writer.index))
+    assert run_ingest(first).summary["shards_computed_this_run"] == 0  # everything is there already
     assert written == []
 
 
@@ -159,7 +159,7 @@ def test_kill_after_first_shard_then_resume(tmp_path, folder, monkeypatch):
     clean = make_ctx(tmp_path, config, work="clean")
     run_ingest(clean)
 
-    real_finish = ingest_stage.finish_shard
+    real_finish = ingest_shard.finish_shard
     calls = []
 
     def dying_finish(writer, rejects):
@@ -173,16 +173,20 @@ def test_kill_after_first_shard_then_resume(tmp_path, folder, monkeypatch):
         real_finish(writer, rejects)
 
     killed = make_ctx(tmp_path, config, work="killed")
-    monkeypatch.setattr(ingest_stage, "finish_shard", dying_finish)
+    computed = killed.work_dir / "shards"  # where shard tasks write, before the stage finishes them
+    monkeypatch.setattr(ingest_shard, "finish_shard", dying_finish)
     with pytest.raises(KeyboardInterrupt):
         run_ingest(killed)
+    # Shard 0 was finished into the artifact before shard 1 started; shard 1 left its halves.
     assert sorted(p.name for p in (killed.output_dir / "images").glob("*.parquet")) == ["part-00000.parquet"]
-    assert [p.name for p in (killed.output_dir / "images").glob(".*.tmp")] == [".part-00001.parquet.0badf00d.tmp"]
+    assert [p.name for p in (computed / "images").glob(".*")] == [".part-00001.parquet.0badf00d.tmp"]
+    assert [p.name for p in (computed / "rejects").glob("*")] == ["part-00001.parquet"]
 
     calls.clear()
-    monkeypatch.setattr(ingest_stage, "finish_shard", lambda *args: (calls.append(args[0].index), real_finish(*args)))
+    monkeypatch.setattr(ingest_shard, "finish_shard", lambda *args: (calls.append(args[0].index), real_finish(*args)))
     output = run_ingest(killed)
     assert calls == [1, 2, 3]  # shard 0 was kept, not recomputed
+    assert output.summary["shards_computed_this_run"] == 3
     images = read_dir(killed.output_dir / "images")
     assert images.column("source").to_pylist() == EXPECTED_IMAGES
     assert len(set(images.column("image_id").to_pylist())) == images.num_rows
@@ -191,6 +195,24 @@ def test_kill_after_first_shard_then_resume(tmp_path, folder, monkeypatch):
     assert "dog/h_copy_of_a.png" in rejects.column("source").to_pylist()
     assert output.summary["rejected_duplicate"] == 1
     assert artifact_bytes(killed.output_dir) == artifact_bytes(clean.output_dir)
+    assert not [p for p in computed.rglob("*") if p.is_file()]  # every computed part moved into the artifact
+
+
+def test_shards_computed_but_not_finished_are_finished_without_recomputing(tmp_path, folder, monkeypatch):
+    """A kill after the fan-out computed every shard but before the stage moved them: the rerun
+    finishes them (duplicates judged across shards as before) and computes none again."""
+    config = folder_config(folder)
+    clean = make_ctx(tmp_path, config, work="clean")
+    run_ingest(clean)
+
+    ctx = make_ctx(tmp_path, config, work="computed")
+    shards = ingest_shard.plan_source_shards(len(ingest_shard.open_source(config.source)), config.shard_rows)
+    job = ingest_shard.IngestShard(config, ctx.cache_key, str(ctx.work_dir / "shards"), 1)
+    assert [job(shard).computed for shard in shards] == [True] * 4
+    monkeypatch.setattr(ingest_shard, "process_shard", lambda *args: pytest.fail("a computed shard was computed again"))
+    output = run_ingest(ctx)
+    assert output.summary["shards_computed_this_run"] == 0 and output.summary["rejected_duplicate"] == 1
+    assert artifact_bytes(ctx.output_dir) == artifact_bytes(clean.output_dir)
 
 
 def test_process_pool_gives_the_same_files(tmp_path, folder):

@@ -8,7 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.config import RuntimeConfig
-from tasks.shards import InProcess, attached_fanout, fan_out, iter_shard_batches, plan_shards, shard_done
+from tasks.shards import (
+    InProcess,
+    ShardNeeds,
+    attached_fanout,
+    fan_out,
+    iter_shard_batches,
+    plan_shards,
+    shard_done,
+)
 
 
 def write_ids(path, start: int, count: int, row_group_size: int) -> None:
@@ -68,11 +76,15 @@ def test_fan_out_runs_in_order_in_process_unless_another_is_attached(files):
     assert list(fan_out("test", lambda s: s.name, shards, runtime)) == [s.name for s in shards]
 
     class Reversed(InProcess):
-        def map(self, stage, fn, shards, runtime):
+        def map(self, stage, fn, shards, runtime, needs):
+            asked.append(needs)
             return (fn(s) for s in reversed(shards))
 
+    asked = []
     with attached_fanout(Reversed()):
         assert list(fan_out("test", lambda s: s.stop, shards, runtime)) == [10, 0, 23, 20, 10]
+        list(fan_out("test", lambda s: s.stop, shards, runtime, ShardNeeds(cpus=2, device=False)))
+    assert asked == [ShardNeeds(cpus=1, device=True), ShardNeeds(cpus=2, device=False)]  # the stage's needs reach it
     assert list(fan_out("test", lambda s: s.stop, shards, runtime)) == [10, 20, 23, 0, 10]
 
 
@@ -84,3 +96,8 @@ def test_fan_out_settings_are_checked():
         RuntimeConfig(ray_address="127.0.0.1:6379")
     with pytest.raises(ValueError, match="task_runner"):
         RuntimeConfig(task_runner="dask")
+    assert RuntimeConfig(task_runner="ray", ray_gpus_per_shard=0.5).ray_gpus_per_shard == 0.5
+    with pytest.raises(ValueError, match="runtime.ray_gpus_per_shard must be > 0"):
+        RuntimeConfig(task_runner="ray", ray_gpus_per_shard=0)
+    with pytest.raises(ValueError, match="at least one CPU"):
+        ShardNeeds(cpus=0)
