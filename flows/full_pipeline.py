@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from flows.pipeline import run_pipeline
 from flows.run_plan import summaries
@@ -10,24 +11,40 @@ from tasks.presets import load_config
 from tasks.registry import STAGE_ORDER
 from tasks.store import Store
 
+# Prefect keeps names short in its lists; a run with many overrides ends in an ellipsis there.
+MAX_RUN_NAME = 240
 
-@flow(name="full-pipeline")
+
+def run_name(preset: str, overrides: list[str] | None) -> str:
+    """`smoke +train_tokenizer.use_text=true`: the preset and every override, so a smoke-sized or
+    changed run never passes for the preset's own."""
+    name = " ".join([preset, *(f"+{override}" for override in overrides or [])])
+    return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 1] + "…"
+
+
+def _flow_run_name() -> str:
+    parameters = flow_run.parameters
+    return run_name(str(parameters.get("preset", "default")), parameters.get("overrides"))
+
+
+@flow(name="full-pipeline", flow_run_name=_flow_run_name)
 def full_pipeline(preset: str = "default", store: str = "store", overrides: list[str] | None = None) -> dict[str, dict]:
     """Every stage of the preset, in order; completed stages come back from the cache."""
     config = load_config(preset, overrides or [])
-    results = run_pipeline(config, Store(store), preset=preset, flow="full-pipeline")
+    results = run_pipeline(config, Store(store), preset=preset, flow="full-pipeline", overrides=overrides)
     return summaries(results)
 
 
 def _stage_flow(stage: str):
     def run_stage(preset: str = "default", store: str = "store", overrides: list[str] | None = None) -> dict[str, dict]:
         config = load_config(preset, overrides or [])
-        results = run_pipeline(config, Store(store), preset=preset, flow=f"stage-{stage}", until=stage)
+        results = run_pipeline(config, Store(store), preset=preset, flow=f"stage-{stage}", until=stage,
+                               overrides=overrides)
         return summaries(results)
 
     run_stage.__name__ = f"{stage.replace('-', '_')}_flow"
     run_stage.__doc__ = f"Stage `{stage}`, with the stages it reads coming back from the cache when possible."
-    return flow(name=f"stage-{stage}")(run_stage)
+    return flow(name=f"stage-{stage}", flow_run_name=_flow_run_name)(run_stage)
 
 
 # One flow per stage of the registry, for reruns from the CLI, the UI or a deployment. They are also

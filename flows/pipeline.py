@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 
 from flows.reconcile import reconcile
+from flows.run_logs import tok1d_logs_in_flow_run
 from flows.run_plan import run_record, stages_to_run
 from flows.stage_task import current_flow_run_id, run_stage_in_flow
+from flows.status import ARTIFACT_METRICS_SQL
+from flows.ui import publish_run_metrics
 from tasks import lineage
 from tasks.pipeline_config import PipelineConfig
 from tasks.leases import Lease
@@ -18,9 +21,19 @@ log = logging.getLogger("tok1d")
 
 
 def run_pipeline(
-    config: PipelineConfig, store: Store, *, preset: str, flow: str, until: str | None = None
+    config: PipelineConfig, store: Store, *, preset: str, flow: str, until: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, StageResult]:
-    record = run_record(config, preset=preset, flow=flow, flow_run_id=current_flow_run_id())
+    with tok1d_logs_in_flow_run():
+        results = _run_stages(config, store, preset=preset, flow=flow, until=until, overrides=overrides)
+        _publish_headline(store, results)
+    return results
+
+
+def _run_stages(
+    config: PipelineConfig, store: Store, *, preset: str, flow: str, until: str | None, overrides: list[str] | None
+) -> dict[str, StageResult]:
+    record = run_record(config, preset=preset, flow=flow, flow_run_id=current_flow_run_id(), overrides=overrides)
     run_id = record["run_id"]
     lineage.ensure_database(store)
     reconcile(store, found_by=f"run {run_id}")
@@ -40,3 +53,18 @@ def run_pipeline(
             raise
         lineage.record_run(store, status="completed", ended_at=lineage.now(), **record)
     return results
+
+
+def _publish_headline(store: Store, results: dict[str, StageResult]) -> None:
+    """The run's headline metrics (what `tok1d run` ends with) as a table of the flow run."""
+    try:
+        connection = lineage.connect(store)
+        try:
+            artifacts = [result.manifest.artifact_id for result in results.values()]
+            rows = connection.execute(ARTIFACT_METRICS_SQL, {"artifacts": artifacts}).fetchall()
+        finally:
+            connection.close()
+    except Exception as error:  # the run is recorded and complete; a table in the UI is not worth failing it
+        log.warning("could not read the run's metrics for the UI: %s", error)
+        return
+    publish_run_metrics(rows)

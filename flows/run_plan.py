@@ -40,7 +40,9 @@ def stages_to_run(config: PipelineConfig, until: str | None = None) -> list[str]
     return [stage for stage in STAGE_ORDER if stage in needed]
 
 
-def run_record(config: PipelineConfig, *, preset: str, flow: str, flow_run_id: str | None) -> dict:
+def run_record(
+    config: PipelineConfig, *, preset: str, flow: str, flow_run_id: str | None, overrides: list[str] | None = None
+) -> dict:
     """The fields every lineage record of one run shares (a new run id, its start time)."""
     return dict(
         run_id=lineage.new_id(),
@@ -51,6 +53,7 @@ def run_record(config: PipelineConfig, *, preset: str, flow: str, flow_run_id: s
         git_revision=git_revision(),
         started_at=lineage.now(),
         config=config.model_dump_json(),
+        overrides=list(overrides or []),  # the `--set` list, as given: what the run changed from its preset
     )
 
 
@@ -81,10 +84,11 @@ def plan_cached_run(config: PipelineConfig, store: Store, until: str | None = No
 
 
 def record_cached_run(
-    config: PipelineConfig, store: Store, stages: list[CachedStage], *, preset: str, flow: str
+    config: PipelineConfig, store: Store, stages: list[CachedStage], *, preset: str, flow: str,
+    overrides: list[str] | None = None,
 ) -> dict[str, StageResult]:
     """Record a run answered from the cache (no flow run) and its stages' hits in lineage."""
-    record = run_record(config, preset=preset, flow=flow, flow_run_id=None)
+    record = run_record(config, preset=preset, flow=flow, flow_run_id=None, overrides=overrides)
     lineage.ensure_database(store)
     reconcile(store, found_by=f"run {record['run_id']}")
     results = {}

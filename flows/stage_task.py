@@ -9,6 +9,8 @@ Cached, so the UI and its Retry button still show which stages came back from th
 
 from __future__ import annotations
 
+import logging
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
@@ -18,14 +20,17 @@ from pydantic import BaseModel
 from flows.fanout import PrefectFanOut
 from flows.rate_limits import PrefectRateLimits
 from flows.prefect_secrets import PrefectSecrets
-from flows.ui import PrefectArtifacts
+from flows.ui import PrefectArtifacts, publish_images
 from tasks.config import RuntimeConfig, Section
-from tasks.progress import attached_ui
+from tasks.progress import attached_ui, publish_summary_table
 from tasks.rate_limits import attached_rate_limits
 from tasks.runner import StageResult, execute_stage
 from tasks.secrets import attached_vault
 from tasks.shards import attached_fanout
 from tasks.store import Manifest, Store
+from tasks.summary_table import headline
+
+log = logging.getLogger("tok1d")
 
 
 def current_flow_run_id() -> str | None:
@@ -51,7 +56,15 @@ def _stage_task_fn(
 ) -> StageTaskResult:
     with attached_ui(PrefectArtifacts()), attached_vault(PrefectSecrets()), attached_rate_limits(PrefectRateLimits()), \
             attached_fanout(PrefectFanOut()):
-        result = execute_stage(stage, section, inputs, Store(store_root), runtime, run_id, current_flow_run_id())
+        store = Store(store_root)
+        result = execute_stage(stage, section, inputs, store, runtime, run_id, current_flow_run_id())
+        manifest = result.manifest
+        if result.cache_hit:  # a computed stage's table is the runner's; a hit shows what it answers with
+            publish_summary_table(stage, {"artifact": manifest.artifact_id, "rows": manifest.rows, **manifest.summary})
+        publish_images(stage, store, manifest)
+    measured = headline(result.manifest.summary)
+    if measured:
+        log.info("%s: %s", stage, measured)
     outcome = StageTaskResult(manifest=result.manifest, cache_hit=result.cache_hit, stage_run_id=result.stage_run_id)
     if result.cache_hit:
         return Completed(name="Cached", data=outcome, message=f"tok1d cache hit: {result.manifest.root}")

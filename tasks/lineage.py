@@ -20,6 +20,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tasks.leases import DeadLease, reconcile
 from tasks.measurement import read_measurements
@@ -27,7 +28,7 @@ from tasks.secrets import redact
 from tasks.store import Manifest, Store, exclusive_lock
 from tasks.tables import write_parquet_atomic
 
-VIEWS_VERSION = "4"
+VIEWS_VERSION = "5"
 # Damaged lineage files go here, outside the views' globs (`tok1d gc`).
 QUARANTINE_DIR = "lineage-quarantine"
 log = logging.getLogger("tok1d")
@@ -49,6 +50,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             # The whole resolved configuration as JSON: `config->>'$.train_tokenizer.use_text'`.
             ("config", pa.string()),
             ("event_time", _TS),
+            # The run's `--set key=value` list as given (what it changed from its preset).
+            ("overrides", pa.list_(pa.string())),
         ]
     ),
     "stage_events": pa.schema(
@@ -141,6 +144,53 @@ VIEW_SQL = {
         select * exclude (rn) from (
             select *, row_number() over (partition by run_id order by event_time desc, status = 'running') as rn
             from run_events) where rn = 1""",
+    # One row per metric of each artifact, with everything that produced it: the stage run that
+    # computed the artifact (its config hash, code version, git revision; its run's preset and
+    # overrides) and the nearest artifact of every stage upstream of it, found through `lineage`
+    # (the tokenizer and generator with the sha256 of their weights).
+    "provenance": """
+        with recursive
+        edges as (select distinct output_artifact, input_name, input_artifact from lineage),
+        producers as (
+            select * from stages where status = 'completed' and output_artifact is not null
+            qualify row_number() over (partition by output_artifact order by cache_hit, event_time) = 1),
+        measured as (
+            select * from metrics
+            qualify row_number() over (partition by artifact_id, name order by event_time) = 1),
+        ancestry(artifact_id, of_stage, ancestor, depth) as (
+            select distinct artifact_id, stage, artifact_id, 0 from measured
+            union all
+            select a.artifact_id, e.input_name, e.input_artifact, a.depth + 1
+            from ancestry a join edges e on e.output_artifact = a.ancestor),
+        upstream as (
+            select artifact_id,
+                   any_value(ancestor) filter (where of_stage = 'ingest') as ingest_artifact,
+                   any_value(ancestor) filter (where of_stage = 'caption') as caption_artifact,
+                   any_value(ancestor) filter (where of_stage = 'embed-text') as embed_text_artifact,
+                   any_value(ancestor) filter (where of_stage = 'train-tokenizer') as tokenizer_artifact,
+                   any_value(ancestor) filter (where of_stage = 'pretokenize') as pretokenize_artifact,
+                   any_value(ancestor) filter (where of_stage = 'train-generator') as generator_artifact
+            from (select * from ancestry
+                  qualify row_number() over (partition by artifact_id, of_stage order by depth) = 1)
+            group by artifact_id),
+        weights as (
+            select artifact_id, file, sha256 from artifacts
+            where file in ('tokenizer.safetensors', 'generator.safetensors')
+            qualify row_number() over (partition by artifact_id, file order by created_at desc) = 1)
+        select m.stage, m.name as metric, m.value, m.n, m.std, m.ci_low, m.ci_high, m.implementation,
+               m.reference, m.seed, m.artifact_id,
+               u.ingest_artifact, u.caption_artifact, u.embed_text_artifact,
+               u.tokenizer_artifact, tw.sha256 as tokenizer_sha256,
+               u.pretokenize_artifact, u.generator_artifact, gw.sha256 as generator_sha256,
+               r.preset, r.overrides, r.config_hash as run_config_hash, p.config_hash as stage_config_hash,
+               p.code_version, coalesce(p.git_revision, r.git_revision) as git_revision,
+               p.stage_run_id, p.run_id, r.flow_run_id, p.ended_at as produced_at
+        from measured m
+        left join producers p on p.output_artifact = m.artifact_id
+        left join runs r on r.run_id = p.run_id
+        left join upstream u on u.artifact_id = m.artifact_id
+        left join weights tw on tw.artifact_id = u.tokenizer_artifact and tw.file = 'tokenizer.safetensors'
+        left join weights gw on gw.artifact_id = u.generator_artifact and gw.file = 'generator.safetensors'""",
 }
 
 
@@ -173,11 +223,20 @@ def append(store: Store, table: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _ensure_seed_files(store: Store) -> None:
-    # A view over an empty glob fails to bind; a zero-row file per table keeps it valid.
+    # A view over an empty glob fails to bind; a zero-row file per table keeps it valid. It also
+    # holds every column of the current schema, so views naming a column added since (runs'
+    # `overrides`) bind in a store whose records all predate it.
     for table, schema in SCHEMAS.items():
         seed = _table_dir(store, table) / "_schema.parquet"
-        if not seed.exists():
+        if not _holds_columns(seed, schema):
             write_parquet_atomic(schema.empty_table(), seed)
+
+
+def _holds_columns(path: Path, schema: pa.Schema) -> bool:
+    try:
+        return set(schema.names) <= set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowException):  # missing, or cut: written anew
+        return False
 
 
 def _intact(path: Path) -> bool:
@@ -319,6 +378,7 @@ def record_run(
     ended_at: datetime | None = None,
     error: str | None = None,
     config: str | None = None,
+    overrides: list[str] | None = None,
 ) -> None:
     append(
         store,
@@ -336,6 +396,7 @@ def record_run(
                 ended_at=ended_at,
                 error=redact(error) if error else None,
                 config=redact(config) if config else None,
+                overrides=[redact(item) for item in overrides] if overrides is not None else None,
                 event_time=now(),
             )
         ],

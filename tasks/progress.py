@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
+from tasks.summary_table import summary_rows
+
 log = logging.getLogger("tok1d")
 T = TypeVar("T")
 
@@ -115,7 +117,7 @@ def publish_summary_table(stage: str, summary: dict[str, Any]) -> None:
     if _ui is None:
         return
     try:
-        rows = [{"metric": key, "value": str(value)} for key, value in summary.items()]
+        rows = summary_rows(summary)  # rounded, with units, N and protocol
         _ui.publish_table(f"{_slug(stage)}-summary", f"Summary of {stage}", rows)
     except Exception as error:
         log.warning("could not publish summary artifact: %s", error)

@@ -52,7 +52,7 @@ def tiny_run(preset: str) -> PipelineRun:
     config = load_config(preset, TINY)
     store = Store(_root() / preset)
     lineage.ensure_database(store)
-    record = run_record(config, preset=preset, flow="tests-tiny-pipeline", flow_run_id=None)
+    record = run_record(config, preset=preset, flow="tests-tiny-pipeline", flow_run_id=None, overrides=TINY)
     lineage.record_run(store, status="running", **record)
     results: dict[str, Manifest] = {}
     for name in stages_to_run(config):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import duckdb
@@ -29,13 +30,37 @@ def test_run_twice_then_everything_is_cached_and_status_agrees_with_duckdb(tmp_p
         "select stage, status, cache_hit from stages qualify row_number() over (partition by stage order by event_time desc) = 1"
     ).fetchall()
     runs = connection.execute("select count(*), count(*) filter (where status = 'completed') from runs").fetchone()
+    flow_runs = connection.execute("select flow_run_id, overrides from runs where flow_run_id is not null "
+                                   "order by started_at").fetchall()
     connection.close()
     assert sorted(latest) == [("caption", "completed", True), ("embed-text", "completed", True), ("ingest", "completed", True)]
     assert runs == (3, 3)
+    # The two runs through the flow, as the UI shows them: named with the override, tok1d's lines in
+    # their logs (sent by the `tok1d` process to its ephemeral API before it exited).
+    assert [overrides for _, overrides in flow_runs] == [[DATA_STAGES], [DATA_STAGES]]
+    pages = asyncio.run(_flow_run_pages([flow_run_id for flow_run_id, _ in flow_runs]))
+    assert [name for name, _ in pages] == [f"smoke +{DATA_STAGES}"] * 2
+    assert any(re.fullmatch(r"embed-text: done in \d+\.\ds -> artifacts/embed-text/\w+", line) for line in pages[0][1]), pages
+    assert any(line.startswith("embed-text: cache hit") for line in pages[1][1]), pages
     assert "runs: 3 (0 failed)" in status
     for stage, state, cache_hit in latest:
         line = next(l for l in status.splitlines() if l.startswith(stage + " "))
         assert state in line and ("yes" if cache_hit else "no") in line
+
+
+async def _flow_run_pages(flow_run_ids: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, tok1d log lines) of each flow run, from the ephemeral API of this test session's
+    PREFECT_HOME, which the `tok1d` processes used."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    pages = []
+    async with get_client() as client:
+        for flow_run_id in flow_run_ids:
+            flow_run = await client.read_flow_run(flow_run_id)
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            pages.append((flow_run.name, [log.message for log in logs if log.name == "tok1d"]))
+    return pages
 
 
 def test_deleting_one_output_file_recomputes_that_stage_only(tmp_path):

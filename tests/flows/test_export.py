@@ -4,6 +4,7 @@ as the store artifact; its model card, checked against DuckDB; `--push` up to th
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,11 +16,14 @@ from huggingface_hub import ModelCard
 
 import tok1d
 from flows.cli import main
-from builders.pipeline import tiny_run
+from builders.pipeline import TINY, tiny_run
+from flows.run_plan import plan_cached_run, record_cached_run
 from tasks import lineage
 from tasks.embed_text.read import TextSource
 from tasks.hashing import sha256_file
 from tasks.ingest.read import decode_images, image_table
+from tasks.presets import load_config
+from tasks.store import Store
 from tasks.train_tokenizer.read import load_tokenizer
 
 def export(capsys, *args: str) -> tuple[int, str, str]:
@@ -107,6 +111,47 @@ def test_model_card_states_data_config_steps_metrics_and_lineage_from_duckdb(tmp
     for name, n, implementation in measured:
         assert any(f"| {name} |" in row and f"| {n} |" in row and implementation.replace("|", "\\|") in row
                    for row in rows), name
+
+
+def test_provenance_names_what_produced_each_metric_in_one_row(tmp_path):
+    source = tiny_run("smoke-textok")
+    # A copy of the store, rerun from the cache with another override list: provenance keeps naming
+    # the run that computed each artifact, and still one row per metric.
+    shutil.copytree(source.store.root, tmp_path / "store")
+    store = Store(tmp_path / "store")
+    config = load_config("smoke-textok", TINY)
+    record_cached_run(config, store, plan_cached_run(config, store), preset="smoke-textok", flow="a rerun",
+                      overrides=[*TINY, "runtime.threads=1"])
+    m = source.manifests
+    connection = lineage.connect(store)
+    try:
+        cursor = connection.execute("select * from provenance where metric in ('gfid', 'psnr') order by metric")
+        names = [column[0] for column in cursor.description]
+        gfid, psnr = [dict(zip(names, row)) for row in cursor.fetchall()]
+        per_metric = connection.execute("select count(*), count(distinct (artifact_id, metric)) from provenance").fetchone()
+        metric_rows = connection.execute("select count(*) from metrics").fetchone()[0]
+        producer = connection.execute("select stage_run_id, code_version, git_revision from stages "
+                                      "where output_artifact = ? and not cache_hit and status = 'completed'",
+                                      [m["evaluate"].artifact_id]).fetchone()
+    finally:
+        connection.close()
+    assert per_metric[0] == per_metric[1] and metric_rows == 2 * per_metric[0]
+    weights = m["train-tokenizer"].path(source.store, "tokenizer.safetensors")
+    assert gfid == {**gfid, "stage": "evaluate", "artifact_id": m["evaluate"].artifact_id, "n": 8,
+                    "ingest_artifact": m["ingest"].artifact_id, "caption_artifact": m["caption"].artifact_id,
+                    "embed_text_artifact": m["embed-text"].artifact_id,
+                    "tokenizer_artifact": m["train-tokenizer"].artifact_id, "tokenizer_sha256": sha256_file(weights),
+                    "pretokenize_artifact": m["pretokenize"].artifact_id,
+                    "generator_artifact": m["train-generator"].artifact_id,
+                    "generator_sha256": sha256_file(m["train-generator"].path(source.store, "generator.safetensors")),
+                    "preset": "smoke-textok", "overrides": TINY, "run_config_hash": config.digest(),
+                    "run_id": source.run_id, "stage_run_id": producer[0], "code_version": producer[1],
+                    "git_revision": producer[2]}
+    assert gfid["value"] > 0 and "default_1.pt" in gfid["implementation"]
+    # A tokenizer's own metric: the tokenizer is the measured artifact; nothing downstream of it.
+    assert (psnr["tokenizer_artifact"], psnr["pretokenize_artifact"], psnr["generator_artifact"]) == (
+        m["train-tokenizer"].artifact_id, None, None)
+    assert psnr["ingest_artifact"] == m["ingest"].artifact_id and psnr["tokenizer_sha256"] == sha256_file(weights)
 
 
 def test_vq_export_from_the_artifact_folder_gives_the_same_ids(tmp_path, capsys):

@@ -208,3 +208,38 @@ def test_bad_settings_are_named(tmp_path, trained):
         run_pretokenize(context(store, manifests, vq, tmp_path / "a", batch_size=0))
     with pytest.raises(ValueError, match="expected a train-tokenizer artifact"):
         run_pretokenize(context(store, manifests, manifests["ingest"], tmp_path / "b"))
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_token_tables_load_with_hugging_face_datasets(tmp_path, discrete):
+    from datasets import load_dataset
+
+    from builders.tokens import token_artifact
+    from tasks.store import Store
+
+    store = Store(tmp_path / "store")
+    generator = torch.Generator().manual_seed(0)
+    rows, seq_len, dim = 10, 6, 4
+    tokens = (torch.randint(0, 1000, (rows, seq_len), generator=generator) if discrete
+              else torch.randn(rows, seq_len, dim, generator=generator))
+    labels, splits = [i % 3 for i in range(rows)], ["train"] * 7 + ["val"] * 3
+    captions = [f"cap-{i}" if i % 2 else None for i in range(rows)]
+    manifest = token_artifact(store, tokens, labels, splits, class_names=["a", "b", "c"], codebook_size=1024 if discrete else None,
+                              caption_ids=captions, shards=3)
+    # As the README shows it: the artifact's tokens/*.parquet, whole or one split by its column.
+    files = sorted(str(path) for path in manifest.table_files(store, "tokens"))
+    assert len(files) == 3
+    loaded = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert loaded.column_names == ["image_id", "split", "label_id", "caption_id", "tokens"]
+    assert loaded.num_rows == rows
+    assert loaded["image_id"] == [f"img-{i}" for i in range(rows)] and loaded["caption_id"] == captions
+    assert loaded["label_id"] == labels and loaded["split"] == splits
+    stored = loaded.with_format("numpy")[:]["tokens"]
+    expected = load_token_table(manifest, store).tokens  # tok1d's own reader: int64 [M, N] or float32 [M, N, D]
+    assert stored.shape == expected.shape == tuple(tokens.shape) and stored.dtype == expected.dtype
+    np.testing.assert_array_equal(stored, expected)
+    np.testing.assert_array_equal(stored, tokens.numpy().astype(np.uint16 if discrete else np.float16))
+    glob = manifest.table_glob(store, "tokens")  # <store>/artifacts/pretokenize/<id>/tokens/*.parquet
+    val = load_dataset("parquet", data_files=glob, split="train", cache_dir=str(tmp_path / "hf-cache")).filter(
+        lambda row: row["split"] == "val")
+    assert val["image_id"] == ["img-7", "img-8", "img-9"]
