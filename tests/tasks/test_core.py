@@ -205,6 +205,28 @@ def test_runs_hold_their_config_as_queryable_json(tmp_path):
     assert rows == [("new", "false", "kl"), ("old", None, None)]
 
 
+def test_a_store_from_before_the_overrides_column_gets_it_and_the_provenance_view(tmp_path):
+    store = Store(tmp_path / "store")
+    assert lineage.ensure_database(store)
+    # As an older tok1d left it: seed and records without `overrides`, views of version 4.
+    folder = store.root / "lineage" / "run_events"
+    old_schema = pa.schema([field for field in lineage.SCHEMAS["run_events"] if field.name != "overrides"])
+    pq.write_table(old_schema.empty_table(), folder / "_schema.parquet")
+    pq.write_table(pa.Table.from_pylist([dict(run_id="old", flow="full-pipeline", preset="smoke", status="completed",
+                                              event_time=lineage.now())], schema=old_schema), folder / "0-old.parquet")
+    (store.root / "lineage" / ".views").write_text(f"4 {store.root.as_posix()}")
+    assert lineage.ensure_database(store)
+    lineage.record_run(store, run_id="new", flow_run_id=None, flow="full-pipeline", preset="smoke", config_hash="h",
+                       status="completed", git_revision=None, started_at=lineage.now(), overrides=["ingest.resolution=16"])
+    connection = duckdb.connect(str(store.duckdb_path), read_only=True)
+    try:
+        assert connection.execute("select run_id, overrides from runs order by run_id").fetchall() == [
+            ("new", ["ingest.resolution=16"]), ("old", None)]
+        assert connection.execute("select count(*) from provenance").fetchone() == (0,)
+    finally:
+        connection.close()
+
+
 def test_metrics_carry_their_protocol_as_columns(tmp_path, monkeypatch):
     from tasks.measurement import Measurement, measurements
 
