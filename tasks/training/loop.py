@@ -8,6 +8,7 @@ loss log and plot, progress. What a step computes is the caller's `step_fn`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from tasks.store import atomic_write_text
 from tasks.training.checkpoint import CheckpointDir
 from tasks.training.data import EpochOrder, Position, global_batches, rank_slice
 from tasks.training.distributed import Processes, average_gradients, barrier, mean_over_processes
+
+log = logging.getLogger("tok1d")
+# Loss lines in the log (the terminal, the flow run's logs in the Prefect UI): about this many
+# per run, on log steps, however long it is; every value is in the loss log either way.
+LOSS_LINES = 10
 
 # The folder under a run's work_dir that holds its checkpoints (what a rerun resumes from).
 CHECKPOINT_DIR = "checkpoints"
@@ -213,6 +219,8 @@ def train(run: TrainingRun, on_step: Callable[[], None] | None = None) -> Traini
         atomic_write_text(run.loss_log, "".join(json.dumps(h) + "\n" for h in history))
     progress = Progress(run.stage, run.total_steps, "training", unit="step", initial=step) if processes.is_main else None
     batches = global_batches(run.order, run.batch_size, position)
+    line_every = max(run.log_every, math.ceil(run.total_steps / LOSS_LINES))
+    next_line = step + line_every
     try:
         while step < run.total_steps:
             rows, position = next(batches)
@@ -233,6 +241,10 @@ def train(run: TrainingRun, on_step: Callable[[], None] | None = None) -> Traini
                     with open(run.loss_log, "a") as handle:
                         handle.write(json.dumps(entry) + "\n")
                 postfix = {k: f"{v:.4g}" for k, v in list(logs.items())[:3]}
+                if processes.is_main and (step >= next_line or step == run.total_steps):
+                    log.info("%s: step %d/%d %s", run.stage, step, run.total_steps,
+                             " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+                    next_line = step + line_every
             elif checkpoint_now:
                 check_finite(run.stage, step, log_values(logs))
             if checkpoint_now:

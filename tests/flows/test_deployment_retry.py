@@ -186,6 +186,8 @@ def _check_run_page(ui: dict) -> None:
     lines = {log.message: log for log in ui["logs"] if log.name == "tok1d"}
     assert any(re.fullmatch(r"ingest: done in \d+\.\ds -> artifacts/ingest/\w+", line) for line in lines), sorted(lines)
     assert any(line.startswith("train-generator: cache hit") for line in lines), sorted(lines)
+    # Training losses as they go, in the first attempt.
+    assert any(re.match(r"train-tokenizer: step \d+/\d+ \S+=\S+", line) for line in lines), sorted(lines)
     [done] = [log for line, log in lines.items() if line.startswith("evaluate: done in")]
     assert done.task_run_id in ui["task_run_ids"]
     assert any(re.match(r"evaluate: gfid \S+ N=8, gkid \S+ ± \S+ \(std\) N=8", line) for line in lines), sorted(lines)
