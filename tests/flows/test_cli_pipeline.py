@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 
 import duckdb
 import pytest
@@ -93,9 +94,9 @@ ALL_STAGES = ["ingest", "caption", "embed-text", "train-tokenizer", "pretokenize
 TEXT_FREE_STAGES = [stage for stage in ALL_STAGES if stage not in ("caption", "embed-text")]
 
 
-@pytest.mark.parametrize("preset, generator, stages", [("smoke", "maskgit", TEXT_FREE_STAGES),
-                                                       ("smoke-textok", "dit", ALL_STAGES)])
-def test_smoke_runs_every_stage_and_records_every_metric(tmp_path, preset, generator, stages):
+@pytest.mark.parametrize("preset, generator, stages, on_ray", [("smoke", "maskgit", TEXT_FREE_STAGES, True),
+                                                               ("smoke-textok", "dit", ALL_STAGES, False)])
+def test_smoke_runs_every_stage_and_records_every_metric(tmp_path, preset, generator, stages, on_ray):
     # A text-free tokenizer and a class-conditional generator read no captions: no text stage runs.
     store = tmp_path / "store"
     first = tok1d("run", "--preset", preset, "--store", str(store))
@@ -131,3 +132,32 @@ def test_smoke_runs_every_stage_and_records_every_metric(tmp_path, preset, gener
     generator_json = next((store / "artifacts" / "train-generator").glob("*/generator.json")).read_text()
     assert f'"{generator}"' in generator_json
     assert next((store / "artifacts" / "evaluate").glob("*/samples.png")).stat().st_size > 0
+    if on_ray:
+        _sharded_stages_on_ray_give_the_same_artifacts(tmp_path, store, preset, artifact_ids(first.stdout))
+
+
+SHARDED_STAGES = ("ingest", "pretokenize", "evaluate")
+
+
+def artifact_ids(output: str) -> dict[str, str]:
+    """stage -> artifact id, from the table `tok1d run` prints."""
+    return {parts[0]: parts[-1].rsplit("/", 1)[-1] for parts in map(str.split, output.splitlines())
+            if len(parts) == 4 and parts[1] in ("computed", "cached")}
+
+
+def _sharded_stages_on_ray_give_the_same_artifacts(tmp_path, store, preset: str, expected: dict[str, str]) -> None:
+    """The same preset with runtime.task_runner=ray on a copy of the default run's store with one
+    file of each sharded stage's artifact deleted: their cache hits fail verification, so exactly
+    those stages run again, their shards on a local Ray (the training stages between them are
+    verified hits on the same input ids), and every artifact id equals the default run's."""
+    copy = tmp_path / "ray-store"
+    shutil.copytree(store, copy)
+    for stage in SHARDED_STAGES:
+        artifact = copy / "artifacts" / stage / expected[stage]
+        min(artifact.rglob("part-*.parquet")).unlink()
+    ray = tok1d("run", "--preset", preset, "--store", str(copy), "--set", "runtime.task_runner=ray",
+                "--set", "runtime.ray_workers=1")
+    assert stage_results(ray.stdout) == {stage: "computed" if stage in SHARDED_STAGES else "cached" for stage in expected}
+    assert artifact_ids(ray.stdout) == expected
+    for stage in SHARDED_STAGES:
+        assert re.search(rf"{stage}: \d+ shards on Ray \(local\)", ray.stdout + ray.stderr), stage
