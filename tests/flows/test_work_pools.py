@@ -134,7 +134,7 @@ def test_cluster_yaml_parses_with_prefects_deploy_file_model_and_names_real_flow
     assert {f"{flows[d.entrypoint]}/{d.name}" for d in model.deployments} == expected
 
 
-def test_dockerfile_copies_what_exists_and_installs_the_cluster_extra():
+def test_dockerfile_copies_what_exists_and_installs_the_cluster_and_ray_extras():
     dockerfile = (REPO / "deployments" / "Dockerfile").read_text()
     copies = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
     sources = [source for sources in copies for source in sources]
@@ -144,11 +144,12 @@ def test_dockerfile_copies_what_exists_and_installs_the_cluster_extra():
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert not ignored & set(sources)
     assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
-    assert '-c constraints.txt -e ".[cluster]"' in dockerfile
+    assert '-c constraints.txt -e ".[cluster,ray]"' in dockerfile
     # The working directory the deployments' pull step sets is where the image installs tok1d.
     assert "WORKDIR /opt/tok1d" in dockerfile
     pyproject = (REPO / "pyproject.toml").read_text()
     assert re.search(r'^cluster = \[.*"prefect-kubernetes.*"prefect-docker', pyproject, re.M)
+    assert re.search(r'^ray = \[.*"prefect-ray.*"ray', pyproject, re.M)
 
 
 # ---- pool runs: which stage deployment runs where ----
