@@ -30,8 +30,8 @@ import pyarrow as pa
 from tasks.config import IngestConfig, RuntimeConfig
 from tasks.ingest.process import Accepted, Rejected, process_item, process_items
 from tasks.ingest.sources import Item, Source, open_source
-from tasks.ingest.tables import IMAGES_SCHEMA, REJECTS_SCHEMA, ROW_GROUP_ROWS, ImagesShardWriter, shard_done
-from tasks.shards import ShardResult
+from tasks.ingest.tables import IMAGES_SCHEMA, REJECTS_SCHEMA, ROW_GROUP_ROWS, ImagesShardWriter, part_path, shard_done
+from tasks.shards import ShardResult, shard_done as part_done
 
 Outcome = tuple[Item, Accepted | Rejected]
 Mapper = Callable[[Iterable[Item]], Iterator[Outcome]]
@@ -209,6 +209,11 @@ def process_shard(
     return pa.table(rejects, schema=REJECTS_SCHEMA)
 
 
+def computed(folder: Path, index: int) -> bool:
+    """Shard `index`'s parts are in `folder`: both there, the images part (renamed in last) readable."""
+    return shard_done(folder, index) and part_done(part_path(folder, "images", index), IMAGES_SCHEMA)
+
+
 def finish_shard(writer: ImagesShardWriter, rejects: pa.Table) -> None:
     """Close shard `writer.index`: rejects part, then the images part into place (the done mark)."""
     writer.finish(rejects)
@@ -226,7 +231,7 @@ class IngestShard:
 
     def __call__(self, shard: SourceShard) -> ShardResult:
         folder = Path(self.folder)
-        if shard_done(folder, shard.index):
+        if computed(folder, shard.index):
             return ShardResult(shard.name, shard.rows, 0, False)
         source = _source(self.key, self.config)
         local = _LOCAL.get(self.key)

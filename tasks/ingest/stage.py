@@ -25,6 +25,7 @@ from tasks.ingest.fingerprint import source_fingerprint
 from tasks.ingest.shard import (
     IngestShard,
     _Local,
+    computed,
     ingest_workers,
     lend,
     plan_source_shards,
@@ -67,11 +68,11 @@ def _ids(path: Path) -> list[str]:
     return pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()
 
 
-def finish_into_artifact(computed: Path, output_dir: Path, index: int, seen: set[bytes]) -> None:
-    """Move shard `index`'s computed parts into the artifact, rejecting its images that an earlier
-    shard has (ids in `seen`, which gains this shard's). The images part is the done mark and
-    goes last: a kill before it leaves the computed parts to finish again, the same way."""
-    images, rejects = part_path(computed, "images", index), part_path(computed, "rejects", index)
+def finish_into_artifact(work: Path, output_dir: Path, index: int, seen: set[bytes]) -> None:
+    """Move shard `index`'s computed parts from `work` into the artifact, rejecting its images that
+    an earlier shard has (ids in `seen`, which gains this shard's). The images part is the done
+    mark and goes last: a kill before it leaves the computed parts to finish again, the same way."""
+    images, rejects = part_path(work, "images", index), part_path(work, "rejects", index)
     ids = _ids(images)
     drop = {row for row, image_id in enumerate(ids) if bytes.fromhex(image_id) in seen}
     table = pq.read_table(rejects)
@@ -152,16 +153,16 @@ def run_ingest(ctx: StageContext) -> StageOutput:
     total = len(source)
     if total == 0:
         raise SourceError(f"{source.description} yields no items (ingest.source.max_images={config.source.max_images})")
-    output_dir, computed = ctx.output_dir, ctx.work_dir / SHARDS_DIR
+    output_dir, work = ctx.output_dir, ctx.work_dir / SHARDS_DIR
     shards = plan_source_shards(total, config.shard_rows)
     _clean(output_dir, len(shards))
-    _clean(computed, len(shards))
+    _clean(work, len(shards))
 
     finished = {shard.index for shard in shards if shard_done(output_dir, shard.index)}
-    to_compute = [shard for shard in shards if shard.index not in finished and not shard_done(computed, shard.index)]
+    to_compute = [shard for shard in shards if shard.index not in finished and not computed(work, shard.index)]
     initial = total - sum(shard.rows for shard in to_compute)
     workers = ingest_workers(ctx.runtime)
-    job = IngestShard(config, ctx.cache_key, str(computed), workers)
+    job = IngestShard(config, ctx.cache_key, str(work), workers)
     # Ids finished so far, as 32-byte digests (about 100 bytes each in the set, against 155 as hex
     # strings: 130 MB for ImageNet's 1.28M images).
     seen: set[bytes] = set()
@@ -190,7 +191,7 @@ def run_ingest(ctx: StageContext) -> StageOutput:
                 assert result.name == shard.name, (result.name, shard.name)  # fan-outs yield in shard order
                 shards_computed += result.computed
                 bar.update(result.rows - ticked.pop(shard.name, 0))
-            finish_into_artifact(computed, output_dir, shard.index, seen)
+            finish_into_artifact(work, output_dir, shard.index, seen)
 
     classes, summary = _tally(output_dir, len(shards), source.classes)
     write_parquet(classes, part_path(output_dir, "classes", 0))
