@@ -175,7 +175,7 @@ def run_ingest(ctx: StageContext) -> StageOutput:
             bar.update(count)
 
         local = _Local(ctx.cache_key, source, tick=tick)
-        if ctx.runtime.task_runner == "in-process":  # shards run here: one pool for all of them
+        if ctx.runtime.task_runner == "in-process" and to_compute:  # shards run here: one pool for all
             local.mapper = stack.enter_context(worker_pool(config, workers))
         stack.enter_context(lend(local))
         results = fan_out(ctx.stage, job, to_compute, ctx.runtime, ShardNeeds(cpus=workers, device=False))
