@@ -144,7 +144,7 @@ def test_dockerfile_copies_what_exists_and_installs_the_cluster_and_ray_extras()
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert not ignored & set(sources)
     assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
-    assert '-c constraints.txt -e ".[cluster,ray]"' in dockerfile
+    assert '-c constraints.txt -e ".[cluster,ray,s3]"' in dockerfile
     # The working directory the deployments' pull step sets is where the image installs tok1d.
     assert "WORKDIR /opt/tok1d" in dockerfile
     pyproject = (REPO / "pyproject.toml").read_text()
