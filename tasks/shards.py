@@ -56,6 +56,32 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class RangeShard:
+    """Items [start, stop) of a stage's input in input order (source items, samples), shard
+    `index`; `name` is the stem of its files."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}"
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def plan_range_shards(total: int, shard_rows: int, setting: str) -> list[RangeShard]:
+    """Shards of `shard_rows` items (the config key `setting`) of `total` items, in order."""
+    if shard_rows < 1:
+        raise ValueError(f"{setting} must be >= 1, got {shard_rows}")
+    return [RangeShard(index, start, min(total, start + shard_rows))
+            for index, start in enumerate(range(0, total, shard_rows))]
+
+
+@dataclass(frozen=True)
 class ShardResult:
     """One shard's outcome: rows it covers, rows it encoded, whether this call computed it."""
 

@@ -48,15 +48,13 @@ from tasks.evaluate.samples import (
     SAMPLES_SCHEMA,
     SAMPLES_TABLE,
     SampleJob,
-    SampleShard,
     load_setup,
-    plan_sample_shards,
     read_scores,
 )
 from tasks.features import extractor_id, frechet, kid
 from tasks.ingest.read import decode_stored
 from tasks.measurement import MEASUREMENTS_KEY, Measurement, measurements
-from tasks.shards import fan_out
+from tasks.shards import RangeShard, fan_out, plan_range_shards
 from tasks.stage import StageContext, StageOutput
 from tasks.store import TableRecord, atomic_write_bytes
 
@@ -109,7 +107,7 @@ class GridCollector:
         return buffer.getvalue()
 
 
-def grid_png(samples_dir: Path, shards: list[SampleShard], config: EvaluateConfig, num_classes: int) -> bytes | None:
+def grid_png(samples_dir: Path, shards: list[RangeShard], config: EvaluateConfig, num_classes: int) -> bytes | None:
     """The grid of the first samples of each class, read back from the samples table (PNG is
     lossless: the very pixels that were scored); reading stops once the grid is full."""
     grid = GridCollector(config.grid_images, num_classes, config.num_samples)
@@ -125,7 +123,7 @@ def grid_png(samples_dir: Path, shards: list[SampleShard], config: EvaluateConfi
     return grid.png()
 
 
-def _sample_shards(ctx: StageContext, job: SampleJob, shards: list[SampleShard]) -> tuple[int, int, float]:
+def _sample_shards(ctx: StageContext, job: SampleJob, shards: list[RangeShard]) -> tuple[int, int, float]:
     """Run the shards not done yet: (shards computed, samples generated, their generation seconds)."""
     samples_dir, features_dir = Path(job.samples_dir), Path(job.features_dir)
     for folder, suffix in ((samples_dir, ".parquet"), (features_dir, ".npz")):
@@ -153,7 +151,7 @@ def run_evaluate(ctx: StageContext) -> StageOutput:
     store, device = ctx.store, torch.device(ctx.device)
     if config.batch_size < 1:
         raise ValueError(f"evaluate.batch_size must be >= 1, got {config.batch_size}")
-    shards = plan_sample_shards(config.num_samples, config.shard_rows)
+    shards = plan_range_shards(config.num_samples, config.shard_rows, "evaluate.shard_rows")
     setup = load_setup(str(store.root), dict(ctx.inputs), config, ctx.device)
     generator, tokenizer = setup.generator, setup.tokenizer
     text_conditioned = setup.text_conditioned

@@ -32,7 +32,7 @@ from tasks.evaluate.generate import generate_images, to_uint8
 from tasks.evaluate.sampling import balanced_labels, draw_captions
 from tasks.hashing import hash_value
 from tasks.pretokenize.read import token_meta
-from tasks.shards import ShardResult, shard_done
+from tasks.shards import RangeShard, ShardResult, shard_done
 from tasks.store import Manifest, Store, atomic_write_bytes
 from tasks.tables import write_parquet_atomic
 from tasks.train_generator.read import load_generator
@@ -47,30 +47,6 @@ SAMPLES_SCHEMA = pa.schema(
 FEATURES_DIR = "features"
 # CLIP scores images in chunks of this many (the model is loaded per chunk; memory stays flat).
 CLIP_CHUNK = 2048
-
-
-@dataclass(frozen=True)
-class SampleShard:
-    """Samples [start, stop), shard `index`; `name` is the stem of its two files."""
-
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def name(self) -> str:
-        return f"part-{self.index:05d}"
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-
-def plan_sample_shards(num_samples: int, shard_rows: int) -> list[SampleShard]:
-    if shard_rows < 1:
-        raise ValueError(f"evaluate.shard_rows must be >= 1, got {shard_rows}")
-    return [SampleShard(index, start, min(num_samples, start + shard_rows))
-            for index, start in enumerate(range(0, num_samples, shard_rows))]
 
 
 def shard_seed(seed: int, index: int) -> int:
@@ -173,14 +149,14 @@ class SampleJob:
     samples_dir: str
     features_dir: str
 
-    def paths(self, shard: SampleShard) -> tuple[Path, Path]:
+    def paths(self, shard: RangeShard) -> tuple[Path, Path]:
         return Path(self.samples_dir) / f"{shard.name}.parquet", Path(self.features_dir) / f"{shard.name}.npz"
 
-    def done(self, shard: SampleShard) -> bool:
+    def done(self, shard: RangeShard) -> bool:
         samples, features = self.paths(shard)
         return features_done(features) and shard_done(samples, SAMPLES_SCHEMA)
 
-    def __call__(self, shard: SampleShard) -> ShardResult:
+    def __call__(self, shard: RangeShard) -> ShardResult:
         if self.done(shard):
             return ShardResult(shard.name, shard.rows, 0, False)
         config, device = self.config, torch.device(self.device)
@@ -241,7 +217,7 @@ class ShardScores:
     clip_score: float | None
 
 
-def read_scores(features_dir: Path, shards: list[SampleShard]) -> ShardScores:
+def read_scores(features_dir: Path, shards: list[RangeShard]) -> ShardScores:
     parts: dict[str, list[np.ndarray]] = {}
     clip: list[tuple[float, float]] = []
     for shard in shards:

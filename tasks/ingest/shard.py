@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import math
 import multiprocessing
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -31,7 +30,7 @@ from tasks.config import IngestConfig, RuntimeConfig
 from tasks.ingest.process import Accepted, Rejected, process_item, process_items
 from tasks.ingest.sources import Item, Source, open_source
 from tasks.ingest.tables import IMAGES_SCHEMA, REJECTS_SCHEMA, ROW_GROUP_ROWS, ImagesShardWriter, part_path, shard_done
-from tasks.shards import ShardResult, shard_done as part_done
+from tasks.shards import RangeShard, ShardResult, shard_done as part_done
 
 Outcome = tuple[Item, Accepted | Rejected]
 Mapper = Callable[[Iterable[Item]], Iterator[Outcome]]
@@ -41,31 +40,6 @@ def split_of(image_id: str, salt: str, val_fraction: float) -> str:
     """"val" for a stable pseudo-random `val_fraction` of ids, else "train"."""
     digest = hashlib.sha256((salt + image_id).encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
-
-
-@dataclass(frozen=True)
-class SourceShard:
-    """Source items [start, stop), shard `index`; `name` is the stem of its parts."""
-
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def name(self) -> str:
-        return f"part-{self.index:05d}"
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-
-def plan_source_shards(total: int, shard_rows: int) -> list[SourceShard]:
-    """Shards of `shard_rows` items of a source of `total` items, in source order."""
-    if shard_rows < 1:
-        raise ValueError(f"ingest.shard_rows must be >= 1, got {shard_rows}")
-    return [SourceShard(index, index * shard_rows, min(total, (index + 1) * shard_rows))
-            for index in range(math.ceil(total / shard_rows))]
 
 
 def ingest_workers(runtime: RuntimeConfig) -> int:
@@ -229,7 +203,7 @@ class IngestShard:
     folder: str
     workers: int
 
-    def __call__(self, shard: SourceShard) -> ShardResult:
+    def __call__(self, shard: RangeShard) -> ShardResult:
         folder = Path(self.folder)
         if computed(folder, shard.index):
             return ShardResult(shard.name, shard.rows, 0, False)

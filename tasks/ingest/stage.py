@@ -28,7 +28,6 @@ from tasks.ingest.shard import (
     computed,
     ingest_workers,
     lend,
-    plan_source_shards,
     split_of,
     worker_pool,
 )
@@ -44,7 +43,7 @@ from tasks.ingest.tables import (
     write_images_without,
     write_parquet,
 )
-from tasks.shards import ShardNeeds, fan_out
+from tasks.shards import ShardNeeds, fan_out, plan_range_shards
 from tasks.stage import Stage, StageContext, StageOutput, fixed_inputs
 from tasks.store import TableRecord
 
@@ -154,7 +153,7 @@ def run_ingest(ctx: StageContext) -> StageOutput:
     if total == 0:
         raise SourceError(f"{source.description} yields no items (ingest.source.max_images={config.source.max_images})")
     output_dir, work = ctx.output_dir, ctx.work_dir / SHARDS_DIR
-    shards = plan_source_shards(total, config.shard_rows)
+    shards = plan_range_shards(total, config.shard_rows, "ingest.shard_rows")
     _clean(output_dir, len(shards))
     _clean(work, len(shards))
 

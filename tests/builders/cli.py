@@ -48,6 +48,12 @@ def stage_results(output: str) -> dict[str, str]:
     return results
 
 
+def artifact_ids(output: str) -> dict[str, str]:
+    """stage -> artifact id, from the table `tok1d run` prints (its last column is the artifact folder)."""
+    return {parts[0]: parts[-1].rsplit("/", 1)[-1] for parts in map(str.split, output.splitlines())
+            if len(parts) == 4 and parts[1] in ("computed", "cached")}
+
+
 def python_imports(code: str, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run `code` in a fresh interpreter in the repository: (the process, the HEAVY packages it imported)."""
     result = subprocess.run([sys.executable, "-c", REPORT + code, *args], cwd=REPO, capture_output=True, text=True,

@@ -1,4 +1,5 @@
-"""The `tok1d` command end to end: real Prefect runs, a real store, the real DuckDB file."""
+"""The `tok1d` command end to end: real Prefect runs, a real store, the real DuckDB file; the
+smoke preset also on a local Ray and on a store in a real S3 server, with the same artifacts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import shutil
 import duckdb
 import pytest
 
-from builders.cli import DATA_STAGES, stage_results, tok1d, tok1d_imports
+from builders.cli import DATA_STAGES, artifact_ids, stage_results, tok1d, tok1d_imports
+from builders.s3_server import BUCKET, s3_server
+from tasks.remote_store import RemoteStore
 
 
 def test_run_twice_then_everything_is_cached_and_status_agrees_with_duckdb(tmp_path):
@@ -94,9 +97,9 @@ ALL_STAGES = ["ingest", "caption", "embed-text", "train-tokenizer", "pretokenize
 TEXT_FREE_STAGES = [stage for stage in ALL_STAGES if stage not in ("caption", "embed-text")]
 
 
-@pytest.mark.parametrize("preset, generator, stages, on_ray", [("smoke", "maskgit", TEXT_FREE_STAGES, True),
-                                                               ("smoke-textok", "dit", ALL_STAGES, False)])
-def test_smoke_runs_every_stage_and_records_every_metric(tmp_path, preset, generator, stages, on_ray):
+@pytest.mark.parametrize("preset, generator, stages, other_engines", [("smoke", "maskgit", TEXT_FREE_STAGES, True),
+                                                                      ("smoke-textok", "dit", ALL_STAGES, False)])
+def test_smoke_runs_every_stage_and_records_every_metric(tmp_path, preset, generator, stages, other_engines):
     # A text-free tokenizer and a class-conditional generator read no captions: no text stage runs.
     store = tmp_path / "store"
     first = tok1d("run", "--preset", preset, "--store", str(store))
@@ -132,17 +135,12 @@ def test_smoke_runs_every_stage_and_records_every_metric(tmp_path, preset, gener
     generator_json = next((store / "artifacts" / "train-generator").glob("*/generator.json")).read_text()
     assert f'"{generator}"' in generator_json
     assert next((store / "artifacts" / "evaluate").glob("*/samples.png")).stat().st_size > 0
-    if on_ray:
+    if other_engines:  # the default run is what the same preset on Ray and on S3 must reproduce
         _sharded_stages_on_ray_give_the_same_artifacts(tmp_path, store, preset, artifact_ids(first.stdout))
+        _a_store_on_s3_gives_the_same_artifacts_to_every_machine(tmp_path, preset, artifact_ids(first.stdout))
 
 
 SHARDED_STAGES = ("ingest", "pretokenize", "evaluate")
-
-
-def artifact_ids(output: str) -> dict[str, str]:
-    """stage -> artifact id, from the table `tok1d run` prints."""
-    return {parts[0]: parts[-1].rsplit("/", 1)[-1] for parts in map(str.split, output.splitlines())
-            if len(parts) == 4 and parts[1] in ("computed", "cached")}
 
 
 def _sharded_stages_on_ray_give_the_same_artifacts(tmp_path, store, preset: str, expected: dict[str, str]) -> None:
@@ -161,3 +159,35 @@ def _sharded_stages_on_ray_give_the_same_artifacts(tmp_path, store, preset: str,
     assert artifact_ids(ray.stdout) == expected
     for stage in SHARDED_STAGES:
         assert re.search(rf"{stage}: \d+ shards on Ray \(local\)", ray.stdout + ray.stderr), stage
+
+
+def _a_store_on_s3_gives_the_same_artifacts_to_every_machine(tmp_path, preset: str, expected: dict[str, str]) -> None:
+    """The preset with `--store s3://...` on a real S3 server on 127.0.0.1 (moto's server mode)
+    computes the default run's artifacts; then another machine (its own, empty mirror) gets every
+    stage as a verified hit pulled from the bucket, and its DuckDB file holds both runs."""
+    with s3_server() as env:
+        url = f"s3://{BUCKET}/{preset}"
+        first = tok1d("run", "--preset", preset, "--store", url, env={**env, "TOK1D_STORE_MIRROR": str(tmp_path / "a")})
+        assert set(stage_results(first.stdout).values()) == {"computed"}
+        assert artifact_ids(first.stdout) == expected
+
+        listed = RemoteStore(url).list_files("")
+        for stage, artifact in expected.items():
+            assert f"artifacts/{stage}/{artifact}/manifest.json" in listed
+        assert [path for path in listed if path.startswith("cache/")], listed
+        assert [path for path in listed if path.startswith("lineage/stage_events/")], listed
+        assert not [path for path in listed if path.endswith(".tmp") or path.startswith(("work/", "locks/"))]
+
+        other = {**env, "TOK1D_STORE_MIRROR": str(tmp_path / "b")}
+        second = tok1d("run", "--preset", preset, "--store", url, env=other)
+        assert set(stage_results(second.stdout).values()) == {"cached"}
+        assert artifact_ids(second.stdout) == expected
+        status = tok1d("status", "--store", url, env=other).stdout
+        assert f"store: {url} (mirror {tmp_path / 'b'})" in status and "runs: 2 (0 failed)" in status
+
+    connection = duckdb.connect(str(tmp_path / "b" / "experiments.duckdb"), read_only=True)
+    runs = connection.execute("select count(*) from runs where status = 'completed'").fetchone()[0]
+    gfid = connection.execute("select count(*) from metrics where name = 'gfid'").fetchone()[0]
+    connection.close()
+    assert runs == 2 and gfid >= 1
+

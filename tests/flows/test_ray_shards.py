@@ -338,9 +338,9 @@ def resources_flow(needs: ShardNeeds, runtime: RuntimeConfig) -> list[dict]:
         return {name: value for name, value in worker_ray.get_runtime_context().get_assigned_resources().items()
                 if name in ("CPU", "GPU")}
 
-    from tasks.evaluate.samples import plan_sample_shards
+    from tasks.shards import plan_range_shards
 
-    shards = plan_sample_shards(2, 1)
+    shards = plan_range_shards(2, 1, "evaluate.shard_rows")
     return list(PrefectFanOut().map("resources", assigned, shards, runtime, needs))
 
 

@@ -19,6 +19,7 @@ from tasks.ingest.sources.fashion_mnist import CLASSES, DEFAULT_DIR as FASHION_D
 from tasks.ingest.sources.tuxpaint import DEFAULT_DIR as TUXPAINT_DIR
 from tasks.ingest.stage import run_ingest, split_of
 from tasks.ingest.tables import part_path, write_parquet
+from tasks.shards import plan_range_shards
 
 from builders.ingest_run import artifact_bytes, make_ctx, read_dir
 from builders.store import commit_output
@@ -206,7 +207,7 @@ def test_shards_computed_but_not_finished_are_finished_without_recomputing(tmp_p
     run_ingest(clean)
 
     ctx = make_ctx(tmp_path, config, work="computed")
-    shards = ingest_shard.plan_source_shards(len(ingest_shard.open_source(config.source)), config.shard_rows)
+    shards = plan_range_shards(len(ingest_shard.open_source(config.source)), config.shard_rows, "ingest.shard_rows")
     job = ingest_shard.IngestShard(config, ctx.cache_key, str(ctx.work_dir / "shards"), 1)
     assert [job(shard).computed for shard in shards] == [True] * 4
     monkeypatch.setattr(ingest_shard, "process_shard", lambda *args: pytest.fail("a computed shard was computed again"))
