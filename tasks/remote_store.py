@@ -53,7 +53,9 @@ class RemoteStore:
 
         self.url = url.rstrip("/")
         try:
-            self.fs, self.base = fsspec.core.url_to_fs(self.url)
+            # Not fsspec's shared instance: the endpoint and credentials come from the environment
+            # (AWS_ENDPOINT_URL, ...), which the instance cache does not key on.
+            self.fs, self.base = fsspec.core.url_to_fs(self.url, skip_instance_cache=True)
         except (ImportError, ValueError) as error:
             protocol = self.url.split("://", 1)[0]
             hint = "pip install -c constraints.txt -e '.[s3]'" if protocol in ("s3", "s3a") else f"install the fsspec filesystem for {protocol}://"
