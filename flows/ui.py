@@ -20,7 +20,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 
 from tasks.store import Manifest, Store
-from tasks.summary_table import UNITS, format_number
+from tasks.summary_table import UNITS, format_number, format_spread
 
 log = logging.getLogger("tok1d")
 
@@ -101,9 +101,7 @@ def publish_run_metrics(rows: list[tuple]) -> None:
         return
     table = []
     for stage, name, value, n, std, low, high in rows:
-        spread = (f"± {format_number(std)} (std)" if std is not None
-                  else f"[{format_number(low)}, {format_number(high)}] (95%)" if low is not None and high is not None
-                  else "")
+        spread = format_spread(std, low, high)
         shown = format_number(value, UNITS.get(name)) if value is not None else "-"
         table.append({"stage": stage, "metric": name, "value": shown,
                       "spread": spread, "N": format_number(n) if n is not None else "?"})

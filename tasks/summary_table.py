@@ -54,16 +54,22 @@ def _plain(value: Any, unit: str | None) -> str:
     return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"
 
 
+def format_spread(std: float | None, low: float | None, high: float | None, std_unit: str | None = None) -> str:
+    """`± std (std)`, else `[low, high] (95%)`, else '' when a value comes with neither."""
+    if std is not None:
+        return f"± {format_number(std, std_unit)} (std)"
+    if low is not None and high is not None:
+        return f"[{format_number(low)}, {format_number(high)}] (95%)"
+    return ""
+
+
 def _measured(name: str, measured: Measurement) -> dict[str, str]:
     unit = UNITS.get(name)
     if measured.value is None:
         value = "-"
     else:
-        value = format_number(measured.value, unit)
-        if measured.std is not None:
-            value += f" ± {format_number(measured.std, unit)} (std)"
-        elif measured.low is not None and measured.high is not None:
-            value += f" [{format_number(measured.low)}, {format_number(measured.high)}] (95%)"
+        spread = format_spread(measured.std, measured.low, measured.high, unit)
+        value = format_number(measured.value, unit) + (f" {spread}" if spread else "")
     protocol = "; ".join(part for part in (
         measured.implementation,
         f"vs {measured.reference}" if measured.reference else None,
