@@ -16,6 +16,7 @@ from itertools import groupby
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
+from flows.full_pipeline import pipeline_run_name
 from flows.run_plan import stages_to_run
 from tasks.pipeline_config import PipelineConfig
 from tasks.presets import load_config
@@ -69,7 +70,7 @@ def plan_pool_runs(config: PipelineConfig) -> list[PoolRun]:
     return runs
 
 
-@flow(name="cluster-pipeline")
+@flow(name="cluster-pipeline", flow_run_name=pipeline_run_name)
 def cluster_pipeline(
     preset: str = "default",
     store: str = "/store",

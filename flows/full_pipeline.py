@@ -22,12 +22,13 @@ def run_name(preset: str, overrides: list[str] | None) -> str:
     return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 1] + "…"
 
 
-def _flow_run_name() -> str:
+def pipeline_run_name() -> str:
+    """The name of a run of a flow with `preset` and `overrides` parameters (Prefect's `flow_run_name`)."""
     parameters = flow_run.parameters
     return run_name(str(parameters.get("preset", "default")), parameters.get("overrides"))
 
 
-@flow(name="full-pipeline", flow_run_name=_flow_run_name)
+@flow(name="full-pipeline", flow_run_name=pipeline_run_name)
 def full_pipeline(preset: str = "default", store: str = "store", overrides: list[str] | None = None) -> dict[str, dict]:
     """Every stage of the preset, in order; completed stages come back from the cache."""
     config = load_config(preset, overrides or [])
@@ -44,7 +45,7 @@ def _stage_flow(stage: str):
 
     run_stage.__name__ = f"{stage.replace('-', '_')}_flow"
     run_stage.__doc__ = f"Stage `{stage}`, with the stages it reads coming back from the cache when possible."
-    return flow(name=f"stage-{stage}", flow_run_name=_flow_run_name)(run_stage)
+    return flow(name=f"stage-{stage}", flow_run_name=pipeline_run_name)(run_stage)
 
 
 # One flow per stage of the registry, for reruns from the CLI, the UI or a deployment. They are also

@@ -37,8 +37,10 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from prefect import flow
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.full_pipeline import run_name
 from flows.pipeline import run_pipeline
 from flows.sweep_jobs import check_jobs, parse_part, run_jobs
 from models.metrics import paired_difference
@@ -155,6 +157,8 @@ class GridPoint:
     settings: tuple[tuple[str, str], ...]
     seed: int | None
     config: PipelineConfig
+    # What the run changes from its preset (`--set`, then the axis values and seed keys), as recorded in lineage.
+    overrides: tuple[str, ...] = ()
 
     @property
     def recorded_seed(self) -> int:
@@ -224,7 +228,8 @@ def build_grid(presets: Sequence[str], overrides: Sequence[str], axes: Sequence[
             for values in itertools.product(*(axis.values for axis in axes)):
                 settings = tuple(zip((axis.key for axis in axes), values))
                 extra = [*(f"{key}={value}" for key, value in settings), *seed_overrides(seed)]
-                grid.append(GridPoint(preset, settings, seed, load_config(preset, [*overrides, *extra])))
+                changes = (*overrides, *extra)
+                grid.append(GridPoint(preset, settings, seed, load_config(preset, list(changes)), changes))
     return grid
 
 
@@ -713,7 +718,27 @@ def check_until(until: str) -> str:
     return stage
 
 
-@flow(name="sweep")
+def sweep_run_name() -> str:
+    return sweep_name(flow_run.parameters)
+
+
+def sweep_name(parameters: dict[str, Any]) -> str:
+    """`smoke-textok tokens=16,32 text=on,off seeds=0,1 +train_tokenizer.train.steps=7`: the
+    presets, every axis and the `--set` list of the sweep flow's parameters, so its run says
+    what it swept and changed."""
+    text = parameters.get("text")
+    axes = {"tokens": parameters.get("token_counts"), "text": ["on" if on else "off" for on in text or []],
+            **(parameters.get("axes") or {}), "seeds": parameters.get("seeds")}
+    swept = [f"{key}={','.join(str(value) for value in values)}" for key, values in axes.items() if values]
+    until = parameters.get("until", "evaluate")
+    part = parameters.get("part")
+    label = " ".join([",".join(parameters.get("presets") or []), *swept,
+                      *([f"until={until}"] if until != "evaluate" else []),
+                      *([f"part={part[0]}/{part[1]}"] if part else [])])
+    return run_name(label, parameters.get("overrides"))
+
+
+@flow(name="sweep", flow_run_name=sweep_run_name)
 def sweep(presets: list[str], token_counts: list[int] | None, store: str, overrides: list[str] | None = None,
           text: list[bool] | None = None, seeds: list[int] | None = None, axes: dict[str, list[str]] | None = None,
           until: str = "evaluate", part: list[int] | None = None) -> dict:
@@ -740,7 +765,8 @@ def sweep(presets: list[str], token_counts: list[int] | None, store: str, overri
     for index, point in enumerate(grid, 1):
         log.info("sweep %s: %d/%d %s", sweep_id, index, len(grid), point.describe())
         try:
-            results = run_pipeline(point.config, target, preset=point.preset, flow="sweep", until=until)
+            results = run_pipeline(point.config, target, preset=point.preset, flow="sweep", until=until,
+                                   overrides=list(point.overrides))
             rows.append(result_row(sweep_id, point, until, results))
         except Exception as error:  # one bad point must not lose the others' results
             log.error("sweep %s: %s failed: %r", sweep_id, point.describe(), error)

@@ -94,17 +94,23 @@ def publish_images(stage: str, store: Store, manifest: Manifest) -> None:
         log.warning("could not publish the pictures of %s: %s", stage, error)
 
 
-def publish_run_metrics(rows: list[tuple]) -> None:
-    """The run's headline metrics (stage, name, value, n, std, ci_low, ci_high rows, as
-    flows/status.py reads them) as one table artifact of the flow run."""
-    if not rows:
-        return
+def run_metrics_table(rows: list[tuple]) -> list[dict[str, str]]:
+    """(stage, name, value, n, std, ci_low, ci_high) rows, as flows/status.py reads them, rounded
+    with their units like the stage summaries."""
     table = []
     for stage, name, value, n, std, low, high in rows:
-        spread = format_spread(std, low, high)
-        shown = format_number(value, UNITS.get(name)) if value is not None else "-"
+        unit = UNITS.get(name)
+        shown = format_number(value, unit) if value is not None else "-"
         table.append({"stage": stage, "metric": name, "value": shown,
-                      "spread": spread, "N": format_number(n) if n is not None else "?"})
+                      "spread": format_spread(std, low, high, unit), "N": format_number(n) if n is not None else "?"})
+    return table
+
+
+def publish_run_metrics(rows: list[tuple]) -> None:
+    """The run's headline metrics as one table artifact of the flow run."""
+    if not rows:
+        return
+    table = run_metrics_table(rows)
     try:
         create_table_artifact(table=table, key="run-metrics",
                               description="Headline metrics of this run (N = images or samples the value is on)")

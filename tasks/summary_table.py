@@ -54,12 +54,14 @@ def _plain(value: Any, unit: str | None) -> str:
     return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"
 
 
-def format_spread(std: float | None, low: float | None, high: float | None, std_unit: str | None = None) -> str:
-    """`± std (std)`, else `[low, high] (95%)`, else '' when a value comes with neither."""
+def format_spread(std: float | None, low: float | None, high: float | None, unit: str | None = None) -> str:
+    """`± std unit (std)`, else `[low, high] (95%)` on the value's scale (its unit stands after the
+    value), else '' when a value comes with neither."""
     if std is not None:
-        return f"± {format_number(std, std_unit)} (std)"
+        return f"± {format_number(std, unit)} (std)"
     if low is not None and high is not None:
-        return f"[{format_number(low)}, {format_number(high)}] (95%)"
+        low_text, high_text = (f"{100 * bound:.3g}" if unit == "%" else format_number(bound) for bound in (low, high))
+        return f"[{low_text}, {high_text}] (95%)"
     return ""
 
 

@@ -308,10 +308,13 @@ def test_sweep_flow_records_every_run_and_fails_at_the_end(tmp_path, monkeypatch
     the others kept, and the exit code says so after the tables are printed."""
     seen = []
 
-    def fake_pipeline(config, store, *, preset, flow, until=None):
+    recorded = []
+
+    def fake_pipeline(config, store, *, preset, flow, until=None, overrides=None):
         n, text, seed = (config.train_tokenizer.model.num_latent_tokens, config.train_tokenizer.use_text,
                          config.evaluate.seed)
         seen.append((n, text, seed, config.ingest.shard_rows, flow, until))
+        recorded.append(overrides)
         if n == 32 and text and seed == 1:
             raise RuntimeError("out of memory")
 
@@ -333,6 +336,10 @@ def test_sweep_flow_records_every_run_and_fails_at_the_end(tmp_path, monkeypatch
     monkeypatch.setattr(sweep_flow, "sweep", sweep_flow.sweep.fn)
     assert sweep_flow.run_sweep_cli(args) == 1
     assert seen == [(n, t, s, 64, "sweep", "pretokenize") for s in (0, 1) for n in (16, 32) for t in (True, False)]
+    # Lineage records what each run changed from its preset: the --set list, its axis values, its seed.
+    assert recorded[0] == ["train_tokenizer.train.steps=7", "train_tokenizer.model.num_latent_tokens=16",
+                           "train_tokenizer.use_text=true", "ingest.shard_rows=64", "train_tokenizer.train.seed=0",
+                           "train_generator.train.seed=0", "evaluate.seed=0"], recorded[0]
     printed = capsys.readouterr()
     assert "text on - off, paired by seed" in printed.out and "1 ok, 1 failed" in printed.out
     assert re.search(r"1 of 8 runs failed .*smoke-textok .*=32 .*seed=1: RuntimeError: out of memory", printed.err)
@@ -392,6 +399,7 @@ def test_tokenizer_only_sweep_with_seeds_and_text_end_to_end(tmp_path):
         effect = connection.execute("select n, seeds, ci_low <= difference and difference <= ci_high, p_value "
                                     "between 0 and 1 from sweep_text_effects where metric = 'psnr'").fetchall()
         stages = connection.execute("select distinct stage from stages").fetchall()
+        recorded = connection.execute("select distinct list_sort(overrides) from runs where flow = 'sweep'").fetchall()
         # The pass that writes the tables computed nothing: the children had.
         final = connection.execute("select max(computed_stages), count(*) from sweep_results").fetchall()
     finally:
@@ -402,5 +410,14 @@ def test_tokenizer_only_sweep_with_seeds_and_text_end_to_end(tmp_path):
     assert "gfid" not in metrics and {"rfid", "psnr", "ssim"} <= metrics
     assert effect == [(2, [0, 1], True, True)]
     assert final == [(0, 4)]
+    # Every run's lineage says what it changed from smoke-textok: the --set list, its text value and
+    # seed; the --jobs children's runs also their thread share.
+    share = [[o for o in overrides if o.startswith("runtime.threads=")] for (overrides,) in recorded]
+    assert share.count(["runtime.threads=1"]) == 4 or sweep_jobs.available_cores() != 2, share
+    assert sorted({tuple(o for o in overrides if not o.startswith("runtime.threads="))
+                   for (overrides,) in recorded}) == sorted(
+        tuple(sorted([*tiny, f"train_tokenizer.use_text={str(text).lower()}",
+                      *(f"{key}={seed}" for key in sweep_flow.SEED_KEYS)]))
+        for text in (True, False) for seed in (0, 1)), recorded
     # --until: no generator stage ran.
     assert {s for (s,) in stages} == {"ingest", "caption", "embed-text", "train-tokenizer"}

@@ -16,10 +16,11 @@ from PIL import Image
 
 from flows.full_pipeline import MAX_RUN_NAME, run_name
 from flows.run_logs import FlowRunLogHandler
-from flows.ui import MAX_IMAGE_BYTES, MAX_SIDE, MIN_SIDE, display_png, images_markdown
+from flows.sweep import sweep_name
+from flows.ui import MAX_IMAGE_BYTES, MAX_SIDE, MIN_SIDE, display_png, images_markdown, run_metrics_table
 from tasks.measurement import Measurement, measurements
 from tasks.store import FileRecord, Manifest, Store
-from tasks.summary_table import COLUMNS, headline, summary_rows
+from tasks.summary_table import COLUMNS, format_spread, headline, summary_rows
 
 
 def test_summary_rows_round_with_units_and_carry_n_and_protocol():
@@ -87,6 +88,26 @@ def test_run_names_say_what_was_overridden():
     assert run_name("smoke", ["train_tokenizer.use_text=true"]) == "smoke +train_tokenizer.use_text=true"
     long = run_name("default", [f"key{i}.value={i}" for i in range(100)])
     assert len(long) == MAX_RUN_NAME and long.startswith("default +key0.value=0 +key1.value=1") and long.endswith("…")
+    sweep = {"presets": ["smoke-textok", "smoke"], "token_counts": [16, 32], "text": [True, False], "seeds": [0, 1],
+             "axes": {"ingest.shard_rows": ["64"]}, "overrides": ["train_tokenizer.train.steps=7"],
+             "until": "train-tokenizer", "part": [1, 2]}
+    assert sweep_name(sweep) == ("smoke-textok,smoke tokens=16,32 text=on,off ingest.shard_rows=64 seeds=0,1 "
+                                 "until=train-tokenizer part=1/2 +train_tokenizer.train.steps=7")
+    assert sweep_name({"presets": ["smoke"], "token_counts": None, "text": None, "seeds": None}) == "smoke"
+
+
+def test_the_run_metrics_table_rounds_with_the_units_of_the_stage_summaries():
+    rows = [("train-tokenizer", "psnr", 21.2131, 587, None, 21.02, 21.39),
+            ("evaluate", "gfid", 41.23456, 500, 1.2345, None, None),
+            ("train-tokenizer", "codebook_usage", 0.5, 4096, None, 0.45, 0.55),
+            ("train-tokenizer", "psnr", 20.5, None, 0.125, None, None)]
+    assert run_metrics_table(rows) == [
+        {"stage": "train-tokenizer", "metric": "psnr", "value": "21.21 dB", "spread": "[21.02, 21.39] (95%)", "N": "587"},
+        {"stage": "evaluate", "metric": "gfid", "value": "41.23", "spread": "± 1.234 (std)", "N": "500"},
+        # A fraction shows as a percentage, its interval on the same scale.
+        {"stage": "train-tokenizer", "metric": "codebook_usage", "value": "50 %", "spread": "[45, 55] (95%)", "N": "4,096"},
+        {"stage": "train-tokenizer", "metric": "psnr", "value": "20.5 dB", "spread": "± 0.125 dB (std)", "N": "?"}]
+    assert format_spread(None, None, None) == "" and format_spread(None, 1.0, None) == ""
 
 
 def test_a_line_from_a_thread_without_a_prefect_context_goes_to_the_flow_run():

@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 import pytest
 import yaml
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 from builders.processes import free_port, stop_group
 from flows.cluster_pipeline import STAGE_POOLS, PoolRun, plan_pool_runs, pool_of
@@ -325,14 +326,16 @@ def test_cluster_pipeline_runs_cpu_and_gpu_stages_on_their_pools(server, tmp_pat
         from flows.cluster_pipeline import cluster_pipeline
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
+        overrides = ["stages=[ingest,caption,embed-text]", "ingest.source.max_images=48"]
         with temporary_settings({PREFECT_API_URL: server["api"]}):
-            ran = cluster_pipeline(preset="smoke", store=str(store), deployment="split",
-                                   overrides=["stages=[ingest,caption,embed-text]", "ingest.source.max_images=48"])
+            ran = cluster_pipeline(preset="smoke", store=str(store), deployment="split", overrides=overrides)
 
             async def child_runs(client):
-                return {stage: await client.read_flow_run(info["flow_run_id"]) for stage, info in ran.items()}
+                cluster = FlowFilter(name=FlowFilterName(any_=["cluster-pipeline"]))
+                parents = await client.read_flow_runs(flow_filter=cluster)
+                return parents, {stage: await client.read_flow_run(info["flow_run_id"]) for stage, info in ran.items()}
 
-            children = run_async(server["api"], child_runs)
+            parents, children = run_async(server["api"], child_runs)
     finally:
         for worker in workers:  # the workers before the server (the module fixture stops it)
             stop_group(worker)
@@ -344,6 +347,10 @@ def test_cluster_pipeline_runs_cpu_and_gpu_stages_on_their_pools(server, tmp_pat
     for stage, flow_run in children.items():
         assert flow_run.work_pool_name == pools[STAGE_POOLS[stage]], (stage, flow_run.work_pool_name)
         assert flow_run.state.is_completed(), (stage, flow_run.state, logs)
+    # The parent run and every pool's run are named after what was overridden.
+    name = "smoke +stages=[ingest,caption,embed-text] +ingest.source.max_images=48"
+    assert [parent.name for parent in parents] == [name]
+    assert {flow_run.name for flow_run in children.values()} == {name}
 
     connection = duckdb.connect(str(store / "experiments.duckdb"), read_only=True)
     events = connection.execute(
