@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from flows.fanout import local_ray_per_run
 from flows.reconcile import reconcile
 from flows.run_logs import tok1d_logs_in_flow_run
 from flows.run_plan import run_record, stages_to_run
@@ -24,7 +25,7 @@ def run_pipeline(
     config: PipelineConfig, store: Store, *, preset: str, flow: str, until: str | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, StageResult]:
-    with tok1d_logs_in_flow_run():
+    with tok1d_logs_in_flow_run(), local_ray_per_run():
         results = _run_stages(config, store, preset=preset, flow=flow, until=until, overrides=overrides)
         _publish_headline(store, results)
     return results

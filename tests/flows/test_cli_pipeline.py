@@ -159,6 +159,8 @@ def _sharded_stages_on_ray_give_the_same_artifacts(tmp_path, store, preset: str,
     assert artifact_ids(ray.stdout) == expected
     for stage in SHARDED_STAGES:
         assert re.search(rf"{stage}: \d+ shards on Ray \(local\)", ray.stdout + ray.stderr), stage
+    # One local Ray for the run: the later fan-outs reuse the first one's (and its warm workers).
+    assert (ray.stdout + ray.stderr).count("started a local Ray on 127.0.0.1 for this run") == 1
 
 
 def _a_store_on_s3_gives_the_same_artifacts_to_every_machine(tmp_path, preset: str, expected: dict[str, str]) -> None:
