@@ -125,13 +125,18 @@ class RemoteStore:
 
     def list_files(self, relative_dir: str) -> list[str]:
         """Paths (relative to the store root) of every object under `relative_dir`."""
+        return sorted(self.sizes(relative_dir))
+
+    def sizes(self, relative_dir: str) -> dict[str, int]:
+        """Bytes of every object under `relative_dir`, by path relative to the store root."""
         self.fs.invalidate_cache(self._key(relative_dir))
         try:
-            found = self.fs.find(self._key(relative_dir))
+            found = self.fs.find(self._key(relative_dir), detail=True)
         except FileNotFoundError:
-            return []
+            return {}
         prefix = self.base + "/"
-        return sorted(path[len(prefix):] for path in found if path.startswith(prefix))
+        return {path[len(prefix):]: int(info.get("size") or 0) for path, info in found.items()
+                if path.startswith(prefix) and info.get("type", "file") != "directory"}
 
     @contextmanager
     def lock(self, name: str, what: str, poll_s: float = 0.5, expiry_s: float = EXPIRY_S,

@@ -4,15 +4,18 @@ when manifest and files verify, a second machine's mirror sharing the results, t
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 
 import pytest
 
+import flows.gc
 from builders.s3_server import BUCKET, s3_server
 from builders.toy_stages import CALLS, TOY_STAGES, use_stages
-from tasks import lineage
+from flows.gc import print_gc
+from tasks import lineage, remote_gc
 from tasks.config import IngestConfig
 from tasks.remote_store import RemoteStore
 from tasks.runner import execute_stage
@@ -166,6 +169,45 @@ def test_a_lock_whose_holder_died_is_taken_over(url, caplog):
         pass
     assert "taking over the lock" in caplog.text
     assert remote.read_bytes("locks/first/dead.json") is None
+
+
+def test_gc_deletes_dead_locks_and_artifacts_no_record_names_from_the_bucket(tmp_path, monkeypatch, url, toy, capsys):
+    store = machine(tmp_path, monkeypatch, url, "a")
+    done = execute_stage("first", IngestConfig(resolution=5), {}, store)
+    remote = RemoteStore(url)
+    # An upload cut short (a file, no manifest, no record), a whole artifact no record names, a
+    # dead holder's lock; and an unnamed folder of a stage whose lock is live (being uploaded).
+    leftovers = {"artifacts/first/cut/first.parquet": b"x" * 10, "artifacts/first/old/first.parquet": b"y" * 20,
+                 "artifacts/first/old/manifest.json": b"{}", "locks/first/dead.json": b"{}"}
+    for relative, data in leftovers.items():
+        remote.write_bytes(relative, data)
+    remote.write_bytes("artifacts/second/busy/second.parquet", b"z")
+    time.sleep(3.1)  # S3 times have whole seconds: everything above is now older than 2 s
+    remote.write_bytes("locks/second/live.json", b"{}")
+    kept = set(remote.list_files("")) - set(leftovers)
+    # The thresholds (10 minutes in use) shortened so the test need not wait.
+    monkeypatch.setattr(flows.gc, "plan_remote_gc", functools.partial(remote_gc.plan_remote_gc, stale_s=2.0,
+                                                                       lock_expiry_s=2.0))
+
+    assert print_gc(store.root, dry_run=True, artifacts=True) == 0
+    listed = capsys.readouterr().out
+    assert set(remote.list_files("")) == kept | set(leftovers), "a dry run deletes nothing"
+    assert f"would remove {url}/artifacts/first/cut (0.0 MiB, 1 object(s)): artifact no cache record on the " \
+           "bucket names (an upload cut short: no manifest)" in listed, listed
+    assert f"would remove {url}/artifacts/first/old (0.0 MiB, 2 object(s))" in listed
+    assert f"would remove {url}/locks/first/dead.json" in listed and "its holder died" in listed
+    assert "busy" not in listed and "live.json" not in listed and done.manifest.root not in listed
+    assert "3 removal(s)" in listed
+
+    assert print_gc(store.root, artifacts=True) == 0
+    assert set(remote.list_files("")) == kept
+    assert "3 removal(s)" in capsys.readouterr().out
+    # What a record names is untouched: another machine still gets it as a verified hit.
+    again = execute_stage("first", IngestConfig(resolution=5), {}, machine(tmp_path, monkeypatch, url, "b"))
+    assert again.cache_hit and CALLS == ["first"]
+    # Without --artifacts only dead locks go.
+    remote.write_bytes("artifacts/first/cut/first.parquet", b"x")
+    assert [r.path for r in remote_gc.plan_remote_gc(remote, stale_s=0.0, lock_expiry_s=2.0)] == []
 
 
 def test_a_missing_bucket_or_a_mirror_of_another_store_is_a_clear_error(tmp_path, monkeypatch, s3):
