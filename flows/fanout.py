@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows.run_logs import tok1d_logs_in_task_run
 from tasks.config import RuntimeConfig
 from tasks.shards import ShardNeeds
 
@@ -29,7 +30,8 @@ T = TypeVar("T")  # a shard of tasks/shards.py: picklable, with a stable `name`
 
 
 def _run_shard(fn: Callable[[T], R], shard: T, stage: str) -> R:
-    return fn(shard)
+    with tok1d_logs_in_task_run():  # on a Ray worker; in the flow's process its handler has them
+        return fn(shard)
 
 
 # tok1d's shard files are the results and the resume state: Prefect caches and persists nothing.

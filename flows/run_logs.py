@@ -8,7 +8,9 @@ WARNING in a worker's flow process (no INFO line would pass), and a line logged 
 context (another thread) is dropped with a warning. Instead the flow attaches Prefect's API
 handler to "tok1d" itself for as long as it runs, with the flow run's id at hand: a line from
 any thread of the process lands in that flow run (under the task run, when a task's context is
-current). Lines of child processes (torchrun workers) go to the process's output as before.
+current). A shard task on a Ray worker, a process of its own, attaches the handler for the
+shard (`tok1d_logs_in_task_run`). Lines of torchrun's worker processes go to the process's
+output as before.
 """
 
 from __future__ import annotations
@@ -71,4 +73,27 @@ def tok1d_logs_in_flow_run() -> Iterator[None]:
             # Lines still queued are sent in the background and, at the latest, when the
             # process exits (Prefect drains its log worker then).
             logger.removeHandler(handler)
+
+
+@contextmanager
+def tok1d_logs_in_task_run() -> Iterator[None]:
+    """Inside a task run in a process no flow's handler reaches (a Ray worker's), send the "tok1d"
+    logger's INFO and above to the task run's logs, all sent before the block ends (the worker
+    may be stopped right after its last task)."""
+    context = TaskRunContext.get()
+    logger = logging.getLogger(LOGGER)
+    if context is None or any(isinstance(existing, APILogHandler) for existing in logger.handlers):
+        yield
+        return
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    handler = FlowRunLogHandler(context.task_run.flow_run_id)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.flush()
 

@@ -80,7 +80,7 @@ def sha256s(folder: Path) -> dict[str, str]:
 
 def test_artifact_is_the_same_in_process_and_on_ray_with_1_or_2_workers(tmp_path, seed_store, ray_cluster):
     store, inputs = seed_store
-    artifacts = {}
+    artifacts, flow_runs = {}, {}
     for label, runtime in [
         ("in-process", RuntimeConfig(device="cpu")),
         ("ray-1", RuntimeConfig(device="cpu", task_runner="ray", ray_workers=1)),
@@ -88,13 +88,37 @@ def test_artifact_is_the_same_in_process_and_on_ray_with_1_or_2_workers(tmp_path
     ]:
         root = tmp_path / label
         shutil.copytree(store.root, root)  # the same inputs, no cache hit from the run before
-        manifest = pretokenize_flow(str(root), inputs, runtime)
+        state = pretokenize_flow(str(root), inputs, runtime, return_state=True)
+        manifest = state.result()
+        flow_runs[label] = state.state_details.flow_run_id
         assert manifest.summary["shards"] == 6 and manifest.summary["shards_computed_this_run"] == 6, label
         assert manifest.rows == IMAGES
         artifacts[label] = (manifest.artifact_id, {f.path: f.sha256 for f in manifest.files})
     assert sorted(p for p in artifacts["in-process"][1] if p.startswith("tokens/")) == [f"tokens/{s}" for s in SHARDS]
     assert artifacts["ray-1"] == artifacts["in-process"]
     assert artifacts["ray-2"] == artifacts["in-process"]
+    # The Ray workers' own tok1d lines are in the flow run's logs, under each shard's task run.
+    logs = run_async(tok1d_logs, flow_runs["ray-2"])
+    computed = sorted(message for message, task_run in logs if "computed shard" in message and task_run)
+    rows = [7, 7, 6]  # each ingest file's 20 rows in parts of 7
+    assert computed == [f"pretokenize: computed shard part-0000{f}-000{k} ({rows[k]} images)"
+                        for f in range(2) for k in range(3)], logs
+
+
+async def tok1d_logs(flow_run_id) -> list[tuple[str, object]]:
+    """(message, task run id) of every "tok1d" line of the flow run in the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [(log.message, log.task_run_id) for log in logs if log.name == "tok1d"]
+
+
+def run_async(fn, *args):
+    import asyncio
+
+    return asyncio.run(fn(*args))
 
 
 KILL_SCRIPT = """
