@@ -9,8 +9,8 @@ context (another thread) is dropped with a warning. Instead the flow attaches Pr
 handler to "tok1d" itself for as long as it runs, with the flow run's id at hand: a line from
 any thread of the process lands in that flow run (under the task run, when a task's context is
 current). A shard task on a Ray worker, a process of its own, attaches the handler for the
-shard (`tok1d_logs_in_task_run`). Lines of torchrun's worker processes go to the process's
-output as before.
+shard (`tok1d_logs_in_task_run`). The main torchrun worker's lines come through the stage's
+process (tasks/training/worker_logs.py), so this handler sends them too.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from tasks.training.distributed import setup
 from tasks.training.job import JOB_FILE, RESULT_FILE, TrainingJob, read_result
 from tasks.training.loop import CHECKPOINT_DIR
 from tasks.training.trainer import Trainer, fit
+from tasks.training.worker_logs import LOG_FILE, following
 
 log = logging.getLogger("tok1d")
 
@@ -97,16 +99,18 @@ def launch_workers(job: TrainingJob, processes: int) -> StageOutput:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     log.info("%s: starting %d workers: %s", job.stage, processes, " ".join(command))
-    child = subprocess.Popen(command, cwd=REPO_ROOT, env=env, preexec_fn=_die_with_parent)
-    try:
-        code = child.wait()
-    finally:
-        if child.poll() is None:  # interrupted while waiting (e.g. KeyboardInterrupt): stop the workers
-            child.terminate()
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
+    # Node 0's stage shows the main worker's lines (it may run on any node: the folder is shared).
+    with following(job.work_dir / LOG_FILE) if node == 0 else nullcontext():
+        child = subprocess.Popen(command, cwd=REPO_ROOT, env=env, preexec_fn=_die_with_parent)
+        try:
+            code = child.wait()
+        finally:
+            if child.poll() is None:  # interrupted while waiting (e.g. KeyboardInterrupt): stop the workers
+                child.terminate()
+                try:
+                    child.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    child.kill()
     elsewhere = " (and on the other nodes)" if job.runtime.nnodes > 1 else ""
     if code != 0:
         raise RuntimeError(

@@ -3,6 +3,7 @@ batch, a killed stage takes its workers down and resumes, failed workers name th
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def inputs(tmp_path_factory):
     return build_inputs(tmp_path_factory.mktemp("ddp-inputs"))
 
 
-def test_two_processes_match_one(tmp_path, inputs):
+def test_two_processes_match_one(tmp_path, inputs, caplog):
     torch.set_num_threads(1)
     store, manifests = inputs
     # No dropout and no dead-code restart: the one place where DDP legitimately differs is the
@@ -36,10 +37,15 @@ def test_two_processes_match_one(tmp_path, inputs):
         grid_images=2,
     )
     single, single_manifest = train_and_commit(store, manifests, config, tmp_path / "one")
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="tok1d")
     double, double_manifest = train_and_commit(
         store, manifests, config, tmp_path / "two", RuntimeConfig(device="cpu", processes=2, threads=1)
     )
     assert double.summary["processes"] == 2 and double.summary["steps"] == 4
+    # The main worker's loss lines reach the stage's own logger (and so the terminal and the UI).
+    steps = [r.getMessage() for r in caplog.records if r.name == "tok1d" and ": step " in r.getMessage()]
+    assert steps and steps[-1].startswith("train-tokenizer: step 4/4 "), caplog.text
     assert not (tmp_path / "two" / "output").exists()  # committed by the main worker's result
     for name in ("tokenizer-raw.safetensors", "tokenizer.safetensors"):
         one, two = load_file(single_manifest.path(store, name)), load_file(double_manifest.path(store, name))
