@@ -12,8 +12,8 @@ only ever write their own files, so the artifact is the same wherever they ran.
 from __future__ import annotations
 
 import logging
-from collections import deque
 import threading
+from collections import deque
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 

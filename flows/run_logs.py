@@ -96,4 +96,3 @@ def tok1d_logs_in_task_run() -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         handler.flush()
-

@@ -182,12 +182,13 @@ def test_gc_deletes_dead_locks_and_artifacts_no_record_names_from_the_bucket(tmp
     for relative, data in leftovers.items():
         remote.write_bytes(relative, data)
     remote.write_bytes("artifacts/second/busy/second.parquet", b"z")
-    time.sleep(3.1)  # S3 times have whole seconds: everything above is now older than 2 s
-    remote.write_bytes("locks/second/live.json", b"{}")
+    time.sleep(4.1)  # S3 times have whole seconds: everything above is now older than 3 s
+    live = "locks/second/live.json"
+    remote.write_bytes(live, b"{}")  # its holder rewrites it before each gc below, as a heartbeat would
     kept = set(remote.list_files("")) - set(leftovers)
     # The thresholds (10 minutes in use) shortened so the test need not wait.
-    monkeypatch.setattr(flows.gc, "plan_remote_gc", functools.partial(remote_gc.plan_remote_gc, stale_s=2.0,
-                                                                       lock_expiry_s=2.0))
+    monkeypatch.setattr(flows.gc, "plan_remote_gc", functools.partial(remote_gc.plan_remote_gc, stale_s=3.0,
+                                                                       lock_expiry_s=3.0))
 
     assert print_gc(store.root, dry_run=True, artifacts=True) == 0
     listed = capsys.readouterr().out
@@ -199,6 +200,7 @@ def test_gc_deletes_dead_locks_and_artifacts_no_record_names_from_the_bucket(tmp
     assert "busy" not in listed and "live.json" not in listed and done.manifest.root not in listed
     assert "3 removal(s)" in listed
 
+    remote.write_bytes(live, b"{}")
     assert print_gc(store.root, artifacts=True) == 0
     assert set(remote.list_files("")) == kept
     assert "3 removal(s)" in capsys.readouterr().out
@@ -207,7 +209,7 @@ def test_gc_deletes_dead_locks_and_artifacts_no_record_names_from_the_bucket(tmp
     assert again.cache_hit and CALLS == ["first"]
     # Without --artifacts only dead locks go.
     remote.write_bytes("artifacts/first/cut/first.parquet", b"x")
-    assert [r.path for r in remote_gc.plan_remote_gc(remote, stale_s=0.0, lock_expiry_s=2.0)] == []
+    assert [r.path for r in remote_gc.plan_remote_gc(remote, stale_s=0.0)] == []
 
 
 def test_a_missing_bucket_or_a_mirror_of_another_store_is_a_clear_error(tmp_path, monkeypatch, s3):
