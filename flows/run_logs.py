@@ -56,23 +56,10 @@ def tok1d_logs_in_flow_run() -> Iterator[None]:
     if context is None or context.flow_run is None:
         yield
         return
-    logger = logging.getLogger(LOGGER)
-    level = logger.level
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    # Already sent (PREFECT_LOGGING_EXTRA_LOGGERS=tok1d, or an enclosing flow's handler): once is enough.
-    handler = None
-    if not any(isinstance(existing, APILogHandler) for existing in logger.handlers):
-        handler = FlowRunLogHandler(context.flow_run.id)
-        logger.addHandler(handler)
-    try:
+    # Lines still queued are sent in the background and, at the latest, when the process exits
+    # (Prefect drains its log worker then).
+    with _sent_to(context.flow_run.id, flush=False):
         yield
-    finally:
-        logger.setLevel(level)
-        if handler is not None:
-            # Lines still queued are sent in the background and, at the latest, when the
-            # process exits (Prefect drains its log worker then).
-            logger.removeHandler(handler)
 
 
 @contextmanager
@@ -81,18 +68,31 @@ def tok1d_logs_in_task_run() -> Iterator[None]:
     logger's INFO and above to the task run's logs, all sent before the block ends (the worker
     may be stopped right after its last task)."""
     context = TaskRunContext.get()
-    logger = logging.getLogger(LOGGER)
-    if context is None or any(isinstance(existing, APILogHandler) for existing in logger.handlers):
+    if context is None:
         yield
         return
+    with _sent_to(context.task_run.flow_run_id, flush=True):
+        yield
+
+
+@contextmanager
+def _sent_to(flow_run_id: UUID, flush: bool) -> Iterator[None]:
+    """The "tok1d" logger at INFO, and a FlowRunLogHandler of `flow_run_id` on it for the block
+    unless an API handler already sends its lines (PREFECT_LOGGING_EXTRA_LOGGERS=tok1d, or an
+    enclosing run's handler): once is enough."""
+    logger = logging.getLogger(LOGGER)
     level = logger.level
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
-    handler = FlowRunLogHandler(context.task_run.flow_run_id)
-    logger.addHandler(handler)
+    handler = None
+    if not any(isinstance(existing, APILogHandler) for existing in logger.handlers):
+        handler = FlowRunLogHandler(flow_run_id)
+        logger.addHandler(handler)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
         logger.setLevel(level)
-        handler.flush()
+        if handler is not None:
+            logger.removeHandler(handler)
+            if flush:
+                handler.flush()
